@@ -1,0 +1,66 @@
+"""The interface every teacher backend implements (hf, vllm, openai).
+
+The service core (checkpoint store, merging, versioning) is backend-agnostic: it computes the
+merged delta `tau` per base parameter and hands it to `apply_delta`; the backend serves
+`W0 + tau` from then on. Parameter names are the base model's transformers names, as in
+`AutoModelForImageTextToText.from_pretrained(...).named_parameters()`
+(e.g. `model.language_model.layers.0.self_attn.q_proj.weight`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
+
+
+class BackendError(RuntimeError):
+    """A request the backend cannot serve; `status` is the HTTP status the service answers."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class TeacherBackend(ABC):
+    name: str = "base"
+    supports_logits: bool = True
+
+    @property
+    @abstractmethod
+    def base_model(self) -> str:
+        """A human-readable id of the base model (its directory)."""
+
+    @property
+    @abstractmethod
+    def tokenizer_fingerprint(self) -> str:
+        """`shared.models.tokenizer_fingerprint` of the tokenizer this backend scores with."""
+
+    @abstractmethod
+    def base_parameters(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the base model's parameters by name: uploads are validated against them."""
+
+    @abstractmethod
+    def apply_delta(self, delta: dict[str, torch.Tensor] | None, version: int) -> None:
+        """Serve `W0 + delta` (exactly; `None` = the base weights) as `version` from now on.
+
+        Atomic from the requests' point of view: a request is served wholly by the old or
+        wholly by the new weights, and reports the version that served it.
+        """
+
+    @abstractmethod
+    def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
+        """(version, results): the log-prob of each given completion token, one forward."""
+
+    @abstractmethod
+    def generate(self, items: list[GenerateItem]) -> tuple[int, list[GenerateResult]]:
+        """(version, results)."""
+
+    @abstractmethod
+    def check_ready(self) -> None:
+        """Exercise the engine (a one-token forward); raise if it is not usable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the engine."""
