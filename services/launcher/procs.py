@@ -1,0 +1,134 @@
+"""Run the services as local processes: a log file each, readiness waits, clean shutdown.
+
+Used by `gtr up` (machines without Docker) and `gtr demo`. A service that dies while the
+others run is an error: everything is stopped and the caller gets a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class ServiceDied(RuntimeError):
+    pass
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    url: str | None = None
+    """Base URL whose /readyz says the service is usable (None: no HTTP readiness)."""
+    popen: subprocess.Popen | None = None
+    _log_file: object = field(default=None, repr=False)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "".join(self.log_path.read_text(errors="replace").splitlines(keepends=True)[-n:])
+        except OSError:
+            return ""
+
+
+def gtr_argv(*args: str) -> list[str]:
+    """`gtr ARGS` as this interpreter runs it (works without the console script on PATH)."""
+    return [sys.executable, "-m", "shared.cli", *args]
+
+
+class ProcessGroup:
+    """Start, watch and stop a set of service processes."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, Proc] = {}
+
+    def start(self, name: str, argv: list[str], url: str | None = None, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(name, argv, self.log_dir / f"{name}.log", url)
+        p._log_file = open(p.log_path, "ab", buffering=0)  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        log.info("starting %s: %s (log: %s)", name, " ".join(argv), p.log_path)
+        # Own process group, so Ctrl-C in the terminal reaches us once and we stop children in order.
+        p.popen = subprocess.Popen(argv, stdout=p._log_file, stderr=subprocess.STDOUT, env=full_env,
+                                   start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def check(self) -> None:
+        """Raise ServiceDied if any service exited."""
+        for p in self.procs.values():
+            rc = p.popen.poll() if p.popen else None
+            if rc is not None:
+                raise ServiceDied(f"{p.name} exited with code {rc}; last lines of {p.log_path}:\n{p.tail()}")
+
+    def wait_ready(self, name: str, timeout: float = 300.0) -> None:
+        p = self.procs[name]
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                r = httpx.get(f"{p.url}/readyz", timeout=5.0)
+                if r.status_code == 200:
+                    log.info("%s is ready at %s", name, p.url)
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.TransportError as e:
+                last = type(e).__name__
+            time.sleep(0.5)
+        raise ServiceDied(f"{name} not ready after {timeout:.0f}s ({last}); see {p.log_path}:\n{p.tail()}")
+
+    def wait(self, name: str, poll: float = 0.5) -> int:
+        """Wait for `name` to exit while checking that the others stay up; its exit code."""
+        p = self.procs[name]
+        while True:
+            rc = p.popen.poll()
+            if rc is not None:
+                return rc
+            for other in self.procs.values():
+                if other is not p and other.popen.poll() is not None:
+                    raise ServiceDied(f"{other.name} exited with code {other.popen.returncode} while {name} ran; "
+                                      f"last lines of {other.log_path}:\n{other.tail()}")
+            time.sleep(poll)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM everything (reverse start order), SIGKILL what is still there after `timeout`."""
+        for p in reversed(list(self.procs.values())):
+            if p.popen and p.popen.poll() is None:
+                log.info("stopping %s", p.name)
+                try:
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            if not p.popen:
+                continue
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", p.name, timeout)
+                try:
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.popen.wait()
+            if p._log_file:
+                p._log_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
