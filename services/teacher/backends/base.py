@@ -27,6 +27,8 @@ class BackendError(RuntimeError):
 class TeacherBackend(ABC):
     name: str = "base"
     supports_logits: bool = True
+    supports_merge: bool = True
+    """False for backends that serve an external model (openai): uploads answer 501."""
 
     @property
     @abstractmethod
@@ -41,6 +43,13 @@ class TeacherBackend(ABC):
     @abstractmethod
     def base_parameters(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the base model's parameters by name: uploads are validated against them."""
+
+    def model_fingerprint(self) -> str | None:
+        """`shared.models.model_fingerprint` of the base config, or None if unknown.
+
+        Optional: an upload's `base_fingerprint` form field is compared to it (409 on mismatch).
+        """
+        return None
 
     @abstractmethod
     def apply_delta(self, delta: dict[str, torch.Tensor] | None, version: int) -> None:
