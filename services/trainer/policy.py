@@ -1,0 +1,229 @@
+"""The policy: a Qwen2.5-VL-family model with LoRA, plus a value head; sampling and scoring.
+
+Scoring follows DESIGN §4 exactly: fp32 log-softmax of logits / T (the sampling temperature)
+under the stored rollout prompt and image, thought tokens weighted by lambda, the vision
+special tokens masked out on both sides (they are suppressed when sampling, so the scored
+distribution is the sampled one). Rollouts run in eval mode (LoRA dropout off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from services.trainer.config import LoraSettings, ModelSettings
+from services.trainer.losses import entropy_from_logits
+from shared.chat import EncodedBatch, encode
+from shared.models import load_model, load_processor, resolve_device, vision_token_ids
+
+log = logging.getLogger(__name__)
+
+MASKED = -1e9  # finite, so that p * log p stays 0 (not nan) for masked tokens
+VISION_TARGETS = r"attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj"
+
+
+def lora_config(s: LoraSettings):
+    from peft import LoraConfig
+
+    names = "|".join(s.target_modules)
+    pattern = rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+    if s.vision:
+        pattern = rf"(?:{pattern}|.*visual\.blocks\.\d+\.(?:{VISION_TARGETS}))"
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=pattern, bias="none")
+
+
+class ValueHead(nn.Module):
+    """A small MLP on the last prompt token's final hidden state, in fp32 (DESIGN §4)."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, inner), nn.Tanh(), nn.Linear(inner, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.float()).squeeze(-1)
+
+
+@dataclass
+class Scores:
+    logprob: torch.Tensor
+    """[B] lambda * sum(thought) + sum(action) of log softmax(logits / T), fp32."""
+    values: torch.Tensor
+    """[B] value of each prompt."""
+    entropy: torch.Tensor
+    """[B] mean per-token entropy of the tempered distribution over the completion."""
+    token_logprobs: list[torch.Tensor]
+    """Per item, the tempered log-prob of each completion token (detached)."""
+    thought_logprobs: list[torch.Tensor] | None = None
+    """Per item, the log-probs of its thought tokens at the KL temperature (detached)."""
+
+
+class Policy:
+    def __init__(self, model_path: str | Path, settings: ModelSettings, seed: int = 0,
+                 adapter: str | Path | None = None, value_head: bool = True):
+        from peft import PeftModel, get_peft_model
+
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        base = load_model(model_path, str(self.device), settings.dtype)
+        self.processor = load_processor(model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.suppress_ids = vision_token_ids(self.tokenizer)
+        torch.manual_seed(seed)  # the LoRA and value-head init
+        if adapter is not None:
+            self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        else:
+            self.model = get_peft_model(base, lora_config(settings.lora))
+        text_cfg = getattr(base.config, "text_config", base.config)
+        self.value_head = ValueHead(text_cfg.hidden_size, settings.value_head_hidden).to(self.device)
+        if settings.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self._norm = next((m for n, m in self.model.named_modules() if n.endswith("language_model.norm")), None)
+        if self._norm is None:
+            raise RuntimeError("cannot find the language model's final norm (language_model.norm) for the value head")
+        self._hidden: torch.Tensor | None = None
+        self._norm.register_forward_hook(self._keep_hidden)
+        self.model.eval()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _keep_hidden(self, _module, _inputs, output):
+        self._hidden = output[0] if isinstance(output, tuple) else output
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.settings.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        self.value_head.train(mode)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(self.model, state)
+        bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+        if bad:
+            raise ValueError(f"adapter does not fit this model: unexpected keys {bad[:3]}")
+
+    def save_adapter(self, out: str | Path) -> Path:
+        """peft's save_pretrained: adapter_model.safetensors + adapter_config.json (what the teacher takes)."""
+        out = Path(out)
+        self.model.save_pretrained(str(out), safe_serialization=True)
+        return out
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[dict[str, torch.Tensor]], temperature: float, max_new_tokens: int,
+                 greedy: bool = False) -> list[list[int]]:
+        """Sample one completion per prompt, batched with the KV cache. The sampler draws from
+        plain softmax(logits / T) minus the vision tokens: no top-k / top-p / penalties, so it is
+        the distribution `score` computes (DESIGN §5.6)."""
+        self.model.eval()
+        batch = encode(self.processor, prompts, device=self.device)
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        with self.autocast():
+            out = self.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, suppress_tokens=self.suppress_ids,
+                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids),
+                                      repetition_penalty=1.0, **kw)
+        completions = []
+        for row in out[:, batch.width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            completions.append(row[:cut])
+        return completions
+
+    # ------------------------------------------------------------------ scoring
+
+    def _forward(self, prompts, completions):
+        """One forward: (fp32 logits of the completion positions with vision tokens masked
+        [B,K,V], targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch)."""
+        batch: EncodedBatch = encode(self.processor, prompts, completions, device=self.device)
+        k = batch.completion_slice()
+        self._hidden = None
+        with self.autocast():
+            out = self.model(**batch.inputs, logits_to_keep=k + 1, use_cache=False)
+        logits = out.logits[:, :-1, :].float()
+        if self.suppress_ids:
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            mask[self.suppress_ids] = True
+            logits = logits.masked_fill(mask, MASKED)
+        targets = batch.inputs["input_ids"][:, batch.width - k:]
+        lens = torch.tensor(batch.completion_lens, device=logits.device)
+        pos = torch.arange(k, device=logits.device)
+        valid = pos.unsqueeze(0) >= (k - lens).unsqueeze(1)
+        last_prompt = batch.width - 1 - lens  # left padding: every row ends at the right edge
+        hidden = self._hidden[torch.arange(len(prompts), device=logits.device), last_prompt]
+        return logits, targets, valid, hidden, batch
+
+    def score(self, prompts, completions, n_thoughts: Sequence[int], temperature: float, thought_coef: float,
+              kl_temperature: float | None = None) -> Scores:
+        """Log-probs, values and entropy of each (prompt, completion). Gradients flow unless
+        the caller wraps it in torch.no_grad()."""
+        logits, targets, valid, hidden, batch = self._forward(prompts, completions)
+        k = logits.shape[1]
+        lp_all = torch.log_softmax(logits / temperature, dim=-1)
+        tok_lp = lp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lens = torch.tensor(batch.completion_lens, device=logits.device)
+        start = (k - lens).unsqueeze(1)
+        pos = torch.arange(k, device=logits.device).unsqueeze(0)
+        thought = valid & (pos < start + torch.tensor(list(n_thoughts), device=logits.device).unsqueeze(1))
+        weights = valid.float() + (thought_coef - 1.0) * thought.float()
+        logprob = (tok_lp * weights).sum(-1)
+        ent_tok = -(lp_all.exp() * lp_all).sum(-1)
+        entropy = (ent_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+        values = self.value_head(hidden)
+        token_lps = [tok_lp[i, k - n:].detach() for i, n in enumerate(batch.completion_lens)]
+        thought_lps = None
+        if kl_temperature is not None:
+            if kl_temperature == temperature:
+                src = tok_lp
+            else:
+                src = torch.log_softmax(logits / kl_temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            thought_lps = [src[i, k - n:k - n + nt].detach()
+                           for i, (n, nt) in enumerate(zip(batch.completion_lens, n_thoughts, strict=True))]
+        return Scores(logprob, values, entropy, token_lps, thought_lps)
+
+    def values(self, prompts) -> torch.Tensor:
+        """[B] value of each prompt alone (bootstrap values of final / next observations)."""
+        batch = encode(self.processor, prompts, device=self.device)
+        self._hidden = None
+        with self.autocast():
+            self.model(**batch.inputs, logits_to_keep=1, use_cache=False)
+        return self.value_head(self._hidden[:, -1])
+
+    def masked_ce(self, prompts, completions, n_masked: Sequence[int]) -> torch.Tensor:
+        """Mean cross-entropy (untempered) over the first n_masked[i] completion tokens of each
+        item: the SFT loss on thought tokens (or on the whole target with n = its length)."""
+        logits, targets, valid, _, batch = self._forward(prompts, completions)
+        k = logits.shape[1]
+        lens = torch.tensor(batch.completion_lens, device=logits.device)
+        start = (k - lens).unsqueeze(1)
+        pos = torch.arange(k, device=logits.device).unsqueeze(0)
+        sel = valid & (pos < start + torch.tensor(list(n_masked), device=logits.device).unsqueeze(1))
+        nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (nll * sel).sum() / sel.sum().clamp_min(1)
+
+
+def entropy_mean(logits: torch.Tensor) -> float:
+    return float(entropy_from_logits(logits).mean())
