@@ -1,0 +1,228 @@
+"""The teacher service's HTTP API (DESIGN §3.2). Routes only; the core is `service.py`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.datastructures import UploadFile
+
+from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
+                            GenerateResponse, Health, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
+from shared.server import ApiError, install_error_handlers, metrics_response, require_token
+from services.teacher.backends import BackendError, TeacherBackend, make_backend
+from services.teacher.errors import TeacherError
+from services.teacher.service import TeacherService
+from services.teacher.settings import TeacherSettings
+from services.teacher.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("teacher_requests", "Requests served", ["route", "status"], registry=self.registry)
+        self.tokens = Counter("teacher_scored_tokens", "Completion tokens scored by /v1/logits", registry=self.registry)
+        self.generated = Counter("teacher_generated_tokens", "Tokens generated", registry=self.registry)
+        self.latency = Histogram("teacher_request_seconds", "Request latency", ["route"], registry=self.registry)
+        self.version = Gauge("teacher_version", "Teacher version being served", registry=self.registry)
+        self.checkpoints = Gauge("teacher_checkpoints", "Checkpoints in the store", registry=self.registry)
+        self.merge_seconds = Gauge("teacher_last_merge_seconds", "Duration of the last merge", registry=self.registry)
+
+
+def _api_error(e: TeacherError | BackendError) -> ApiError:
+    return ApiError(e.status, e.error, e.detail)
+
+
+def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend | None = None,
+               background_merges: bool = True) -> FastAPI:
+    """`settings` configure the backend and store; a prebuilt `backend` (tests) skips loading one."""
+    if settings is None:
+        raise ValueError("create_app needs TeacherSettings (at least model and store)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        be = backend
+        if be is None:
+            be = await run_in_threadpool(make_backend, settings.backend, **settings.backend_settings())
+        store = CheckpointStore(settings.store)
+        service = await run_in_threadpool(
+            lambda: TeacherService(be, store, settings.merge_settings(),
+                                   max_upload_bytes=int(settings.max_upload_mb * 2**20),
+                                   merge_device=settings.merge_device, background=background_merges))
+        app.state.service = service
+        log.info("teacher ready: backend %s, base %s, version %d, %d checkpoints", be.name, be.base_model,
+                 service.version, len(store))
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="GTR-Turbo teacher", version="1", lifespan=lifespan,
+                  description="Merged-checkpoint teacher: LoRA checkpoints in, TIES-merged teacher log-probs "
+                              "and generations out (DESIGN §3.2).")
+    install_error_handlers(app)
+    metrics = Metrics()
+    app.state.metrics = metrics
+
+    def get_service(request: Request) -> TeacherService:
+        svc = getattr(request.app.state, "service", None)
+        if svc is None:
+            raise ApiError(503, "not_ready", "the teacher is still loading")
+        return svc
+
+    Service = Annotated[TeacherService, Depends(get_service)]
+
+    def observe(route: str, status: int, t0: float) -> None:
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        return Health(service="teacher")
+
+    @app.get("/readyz", response_model=Health)
+    def readyz(svc: Service) -> Health:
+        """Ready when the backend answers a one-token forward (hf/vllm) or its endpoint (openai)."""
+        try:
+            svc.backend.check_ready()
+        except BackendError as e:
+            raise ApiError(503, "not_ready", e.detail) from e
+        except Exception as e:  # noqa: BLE001 - any engine failure reads as "not ready"
+            raise ApiError(503, "not_ready", f"{type(e).__name__}: {e}") from e
+        return Health(status="ready", service="teacher")
+
+    @app.get("/metrics")
+    def metrics_route(request: Request):
+        svc = getattr(request.app.state, "service", None)
+        if svc is not None:
+            metrics.version.set(svc.version)
+            metrics.checkpoints.set(len(svc.store))
+        return metrics_response(metrics.registry)
+
+    @app.get("/v1/teacher", response_model=TeacherInfo)
+    def teacher_info(svc: Service) -> TeacherInfo:
+        """The served version, backend, base model, tokenizer fingerprint and merge settings."""
+        return svc.info()
+
+    @app.post("/v1/checkpoints", response_model=CheckpointUploadResponse, dependencies=[Depends(require_token)])
+    async def upload_checkpoint(request: Request, svc: Service) -> CheckpointUploadResponse:
+        """Upload a peft LoRA adapter (multipart: files `adapter_model`, `adapter_config`; field `step`).
+
+        `curl -F adapter_model=@adapter_model.safetensors -F adapter_config=@adapter_config.json
+        -F step=3 http://127.0.0.1:8200/v1/checkpoints`
+        """
+        t0 = time.perf_counter()
+        limit = svc.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart overhead allowance
+            raise ApiError(413, "too_large", f"upload of {length} bytes exceeds the limit of {limit}")
+        try:
+            form = await request.form(max_files=2, max_fields=4)
+        except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken multipart body
+            raise ApiError(400, "bad_request", f"expected multipart/form-data: {e}") from e
+        try:
+            model_bytes = await _read_part(form, "adapter_model", limit)
+            config_bytes = await _read_part(form, "adapter_config", limit)
+            step_raw = form.get("step")
+            if step_raw is None or isinstance(step_raw, UploadFile):
+                raise ApiError(400, "bad_request", "form field `step` (int) is required")
+            try:
+                step = int(step_raw)
+            except ValueError as e:
+                raise ApiError(400, "bad_request", f"step must be an integer, got {step_raw!r}") from e
+            fp = form.get("base_fingerprint")
+            fp = fp if isinstance(fp, str) and fp else None
+        finally:
+            await form.close()
+        try:
+            item, scheduled = await run_in_threadpool(svc.add_checkpoint, model_bytes, config_bytes, step, fp)
+        except TeacherError as e:
+            observe("checkpoints", e.status, t0)
+            raise _api_error(e) from e
+        metrics.checkpoints.set(len(svc.store))
+        observe("checkpoints", 200, t0)
+        return CheckpointUploadResponse(checkpoint_id=item.checkpoint_id, merge_scheduled=scheduled)
+
+    @app.get("/v1/checkpoints", response_model=CheckpointList)
+    def list_checkpoints(svc: Service) -> CheckpointList:
+        return CheckpointList(checkpoints=[svc.checkpoint_info(c) for c in svc.store.list()])
+
+    @app.delete("/v1/checkpoints/{checkpoint_id}", response_model=ActionResponse,
+                dependencies=[Depends(require_token)])
+    def delete_checkpoint(checkpoint_id: str, svc: Service) -> ActionResponse:
+        """Remove a checkpoint from the store; the served teacher changes at the next merge."""
+        try:
+            svc.delete_checkpoint(checkpoint_id)
+        except TeacherError as e:
+            raise _api_error(e) from e
+        return ActionResponse(detail=f"deleted {checkpoint_id}")
+
+    @app.post("/v1/merge", response_model=MergeReport, dependencies=[Depends(require_token)])
+    def merge(svc: Service) -> MergeReport:
+        """Merge now; returns the new version and the merge statistics."""
+        try:
+            report = svc.merge_now()
+        except (TeacherError, BackendError) as e:
+            raise _api_error(e) from e
+        metrics.merge_seconds.set(report.seconds)
+        metrics.version.set(svc.version)
+        return report
+
+    @app.post("/v1/logits", response_model=LogitsResponse)
+    def logits(req: LogitsRequest, svc: Service) -> LogitsResponse:
+        """The teacher's log-prob of each given completion token (one forward, fp32 log-softmax).
+
+        `{"items": [{"messages": [{"role": "user", "content": "hi"}], "completion_text": "hello"}]}`
+        """
+        t0 = time.perf_counter()
+        if req.tokenizer_fingerprint and req.tokenizer_fingerprint != svc.backend.tokenizer_fingerprint:
+            observe("logits", 409, t0)
+            raise ApiError(409, "tokenizer_mismatch",
+                           f"tokenizer fingerprint {req.tokenizer_fingerprint} is not the teacher's "
+                           f"({svc.backend.tokenizer_fingerprint}): token ids would not line up")
+        try:
+            version, items = svc.backend.logprobs(req.items, req.temperature)
+        except BackendError as e:
+            observe("logits", e.status, t0)
+            raise _api_error(e) from e
+        metrics.tokens.inc(sum(len(r.token_ids) for r in items))
+        observe("logits", 200, t0)
+        return LogitsResponse(teacher_version=version, items=items)
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    def generate(req: GenerateRequest, svc: Service) -> GenerateResponse:
+        """Sample (or greedy at temperature 0) a completion per item, with per-token log-probs.
+
+        `{"items": [{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 16, "seed": 0}]}`
+        """
+        t0 = time.perf_counter()
+        try:
+            version, items = svc.backend.generate(req.items)
+        except BackendError as e:
+            observe("generate", e.status, t0)
+            raise _api_error(e) from e
+        metrics.generated.inc(sum(len(r.token_ids) for r in items))
+        observe("generate", 200, t0)
+        return GenerateResponse(teacher_version=version, items=items)
+
+    return app
+
+
+async def _read_part(form, name: str, limit: int) -> bytes:
+    part = form.get(name)
+    if part is None:
+        raise ApiError(400, "bad_request", f"multipart file `{name}` is required")
+    if isinstance(part, str):  # a JSON config may arrive as a plain field
+        data = part.encode()
+    else:
+        data = await part.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"`{name}` exceeds the upload limit of {limit} bytes")
+    return data

@@ -1,0 +1,257 @@
+"""The teacher's core, backend-agnostic: checkpoint intake, merge scheduling, versions.
+
+It validates uploads against `backend.base_parameters()`, stores them, merges the chosen
+checkpoints into one delta per base parameter (`merging.merge_adapters`) in a background
+thread, and hands that delta to `backend.apply_delta(delta, version)`. The backend swaps it in
+whole; requests keep being served by the previous version meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from shared.schemas import CheckpointInfo, MergeReport, MergeSettings, TeacherInfo
+from services.teacher.adapters import Adapter, parse_adapter
+from services.teacher.backends.base import TeacherBackend
+from services.teacher.errors import TeacherError
+from services.teacher.merging import merge_adapters, merge_weights
+from services.teacher.store import CheckpointStore, StoredCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def validate_merge_settings(s: MergeSettings) -> MergeSettings:
+    """Fail fast at start-up on settings that cannot merge."""
+    if s.method not in ("ties", "linear", "none"):
+        raise ValueError(f"merge method must be ties, linear or none, got {s.method!r}")
+    if not 0.0 < s.density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {s.density}")
+    if s.weighting not in ("sma", "ema"):
+        raise ValueError(f"weighting must be sma or ema, got {s.weighting!r}")
+    if not 0.0 < s.ema_alpha <= 1.0:
+        raise ValueError(f"ema_alpha must be in (0, 1], got {s.ema_alpha}")
+    if s.window is not None and s.window < 1:
+        raise ValueError(f"window must be >= 1 (or unset for all checkpoints), got {s.window}")
+    if s.merge_every < 1:
+        raise ValueError(f"merge_every must be >= 1, got {s.merge_every}")
+    return s
+
+
+class TeacherService:
+    def __init__(self, backend: TeacherBackend, store: CheckpointStore, merge: MergeSettings | None = None,
+                 max_upload_bytes: int = 1 << 30, merge_device: str = "cpu", background: bool = True):
+        self.backend = backend
+        self.store = store
+        self.settings = validate_merge_settings(merge or MergeSettings())
+        self.max_upload_bytes = max_upload_bytes
+        self.merge_device = merge_device
+        self.version = 0
+        self.last_merge: MergeReport | None = None
+        self.last_merge_error: str | None = None
+        self._served_ids: list[str] = []
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._merge_lock = threading.Lock()
+        self._merge_running = False
+        self._bg_busy = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._base_shapes = backend.base_parameters()
+        self._restore()
+        self._worker: threading.Thread | None = None
+        if background:
+            self._worker = threading.Thread(target=self._loop, name="teacher-merge", daemon=True)
+            self._worker.start()
+            if self._pending >= self.settings.merge_every and self._mergeable:
+                self._wake.set()
+
+    @property
+    def _mergeable(self) -> bool:
+        return self.settings.method != "none" and self.backend.supports_merge
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> TeacherInfo:
+        return TeacherInfo(version=self.version, backend=self.backend.name, base_model=self.backend.base_model,
+                           tokenizer_fingerprint=self.backend.tokenizer_fingerprint, merge=self.settings,
+                           checkpoints=len(self.store), last_merge=self.last_merge,
+                           merge_running=self._merge_running, last_merge_error=self.last_merge_error,
+                           pending_checkpoints=self._pending)
+
+    @staticmethod
+    def checkpoint_info(c: StoredCheckpoint) -> CheckpointInfo:
+        return CheckpointInfo(checkpoint_id=c.checkpoint_id, step=c.step, created=c.created, bytes=c.bytes,
+                              rank=c.rank, alpha=c.alpha, modules=c.modules, use_rslora=c.use_rslora)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def add_checkpoint(self, model_bytes: bytes, config_bytes: bytes, step: int,
+                       base_fingerprint: str | None = None) -> tuple[StoredCheckpoint, bool]:
+        """Validate and store an upload; (record, merge_scheduled). Nothing is stored on error."""
+        if not self.backend.supports_merge:
+            raise TeacherError(501, "not_implemented",
+                               f"the {self.backend.name} backend serves an external model: it takes no checkpoints")
+        size = len(model_bytes) + len(config_bytes)
+        if size > self.max_upload_bytes:
+            raise TeacherError(413, "too_large", f"upload of {size} bytes exceeds the limit of {self.max_upload_bytes}")
+        if step < 0:
+            raise TeacherError(400, "bad_request", f"step must be >= 0, got {step}")
+        if base_fingerprint is not None:
+            ours = self.backend.model_fingerprint()
+            if ours is not None and base_fingerprint != ours:
+                raise TeacherError(409, "base_mismatch",
+                                   f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
+        adapter = parse_adapter(model_bytes, config_bytes, self._base_shapes)
+        item = self.store.add(model_bytes, config_bytes, step, rank=adapter.rank, alpha=adapter.alpha,
+                              use_rslora=adapter.use_rslora, modules=len(adapter.factors))
+        with self._lock:
+            self._pending += 1
+            scheduled = self._mergeable and self._pending >= self.settings.merge_every
+        if scheduled:
+            self._wake.set()
+        return item, scheduled
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        """Remove a checkpoint. The served teacher keeps its weights until the next merge."""
+        self.store.delete(checkpoint_id)
+
+    def _load(self, items: list[StoredCheckpoint]) -> list[Adapter]:
+        out = []
+        for c in items:
+            model_bytes, config_bytes = self.store.files(c.checkpoint_id)
+            out.append(parse_adapter(model_bytes, config_bytes, self._base_shapes))
+        return out
+
+    def _select(self, settings: MergeSettings) -> list[StoredCheckpoint]:
+        items = self.store.list()
+        return items[-settings.window:] if settings.window else items
+
+    # ------------------------------------------------------------------ merging
+
+    def merge_now(self) -> MergeReport:
+        """Merge the selected checkpoints and serve the result as the next version."""
+        if not self._mergeable:
+            why = "merge method is none (static base teacher)" if self.backend.supports_merge else \
+                f"the {self.backend.name} backend takes no checkpoints"
+            return MergeReport(version=self.version, seconds=0.0, stats={"method": "none", "skipped": why},
+                               checkpoints=[])
+        with self._merge_lock:
+            with self._lock:
+                pending_before = self._pending
+                self._merge_running = True
+            try:
+                items = self._select(self.settings)
+                report = self._build(items, self.settings, self.version + 1)
+            except Exception as e:
+                self.last_merge_error = f"{type(e).__name__}: {e}"
+                raise
+            finally:
+                self._merge_running = False
+            with self._lock:
+                # Uploads that arrived during the merge still count towards the next one.
+                self._pending = max(0, self._pending - pending_before)
+            self.last_merge_error = None
+            return report
+
+    def _build(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int) -> MergeReport:
+        t0 = time.perf_counter()
+        if not items:
+            delta, stats = None, {"method": settings.method, "checkpoints": 0}
+        else:
+            adapters = self._load(items)
+            weights = merge_weights(len(adapters), settings.weighting, settings.ema_alpha)
+            result = merge_adapters(adapters, weights, settings.method, settings.density, settings.scale,
+                                    device=self.merge_device)
+            delta, stats = result.delta, result.stats
+            stats["weights"] = [round(float(w), 6) for w in weights]
+        merge_s = time.perf_counter() - t0
+        self.backend.apply_delta(delta, version)
+        seconds = time.perf_counter() - t0
+        stats["merge_seconds"] = merge_s
+        stats["apply_seconds"] = seconds - merge_s
+        ids = [c.checkpoint_id for c in items]
+        report = MergeReport(version=version, seconds=seconds, stats=stats, checkpoints=ids)
+        with self._lock:
+            self.version = version
+            self._served_ids = ids
+            self.last_merge = report
+        self.store.write_state({"version": version, "checkpoints": ids, "settings": settings.model_dump(),
+                                "report": report.model_dump()})
+        log.info("teacher version %d from %d checkpoints in %.2fs: %s", version, len(ids), seconds,
+                 {k: v for k, v in stats.items() if k != "weights"})
+        return report
+
+    def _restore(self) -> None:
+        """Rebuild the teacher version recorded in the store (same checkpoints, same settings)."""
+        state = self.store.read_state()
+        known = {c.checkpoint_id for c in self.store.list()}
+        if not state or not self.backend.supports_merge:
+            self._pending = len(known)
+            return
+        version, ids = int(state.get("version", 0)), list(state.get("checkpoints", []))
+        served = set(ids)
+        self._pending = sum(1 for c in self.store.list() if c.checkpoint_id not in served
+                            and c.seq > max((self.store.get(i).seq for i in ids if i in known), default=0))
+        if version == 0:
+            return
+        try:
+            settings = validate_merge_settings(MergeSettings(**state.get("settings", {})))
+        except (TypeError, ValueError) as e:
+            log.warning("state.json has unusable merge settings (%s): rebuilding with the current ones", e)
+            settings = self.settings
+        missing = [i for i in ids if i not in known]
+        if missing:
+            # The exact version cannot be rebuilt: build a new one from what the store holds.
+            log.warning("checkpoints %s of teacher version %d are gone; merging the store as version %d",
+                        missing, version, version + 1)
+            self.version = version
+            if self._mergeable:
+                self._build(self._select(self.settings), self.settings, version + 1)
+            return
+        items = [self.store.get(i) for i in ids]
+        if settings.method == "none" or not items:
+            self.backend.apply_delta(None, version)
+            self.version = version
+            return
+        self._build(items, settings, version)
+        log.info("restored teacher version %d from %d checkpoints", version, len(items))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            if self._stop.is_set():
+                return
+            self._bg_busy = True
+            self._wake.clear()
+            try:
+                self.merge_now()
+            except Exception:  # noqa: BLE001 - a failed merge keeps the old version serving
+                log.exception("background merge failed; still serving version %d", self.version)
+            finally:
+                self._bg_busy = False
+            with self._lock:
+                again = self._mergeable and self._pending >= self.settings.merge_every
+            if again:
+                self._wake.set()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no merge is scheduled or running (for tests and clean shutdowns)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not (self._wake.is_set() or self._bg_busy or self._merge_lock.locked()):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self.backend.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"version": self.version, "checkpoints": list(self._served_ids)}
