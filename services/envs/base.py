@@ -1,0 +1,115 @@
+"""What every env of the service is: a gymnasium-style state machine over the agent's text.
+
+`reset(*, seed=None, options=None) -> (Obs, info)` and `step(output_text) -> StepResult`.
+The action is the model's raw output; the env parses it (`services.envs.parsing`) and applies
+its documented rule to anything unparseable or illegal. Randomness comes from `self.np_random`
+only, so one seed gives one episode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from gymnasium.utils import seeding
+from PIL import Image
+
+from services.envs.parsing import ParsedAnswer, parse_answer
+
+JSON_FORMAT_NOTE = 'Answer with one JSON object: {"thoughts": "...", "action": "..."}.'
+
+
+class EnvOptionError(ValueError):
+    """Unknown option or a bad option value (the service answers 422)."""
+
+
+class EnvUnavailable(RuntimeError):
+    """The env cannot run here (a missing extra, missing data); the message says what to install."""
+
+
+@dataclass
+class Obs:
+    text: str
+    instruction: str
+    image: Image.Image | None = None
+    admissible_actions: list[str] | None = None
+
+
+@dataclass
+class StepResult:
+    observation: Obs
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TextActionEnv:
+    """Base class: option handling, seeding, parsing. Subclasses implement `_reset` and `_act`."""
+
+    env_id: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_options: ClassVar[dict[str, Any]] = {}
+    max_steps: ClassVar[int | None] = None
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            raise EnvOptionError(f"{self.env_id}: unknown option(s) {unknown}; known: {sorted(self.default_options)}")
+        self.options = {**self.default_options, **options}
+        self._check_options()
+        self.np_random, _ = seeding.np_random(None)
+        self.done = True
+
+    # -- to override -------------------------------------------------------------------------
+    def _check_options(self) -> None:
+        pass
+
+    def actions(self) -> list[str] | None:
+        """The fixed action vocabulary, or None where it depends on the state."""
+        return None
+
+    def _reset(self, options: dict[str, Any]) -> tuple[Obs, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _act(self, parsed: ParsedAnswer) -> StepResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- gymnasium-style API -------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
+        if seed is not None:
+            self.np_random, _ = seeding.np_random(int(seed))
+        self.done = False
+        return self._reset(options or {})
+
+    def step(self, output_text: str) -> StepResult:
+        if self.done:
+            raise EpisodeOver(f"{self.env_id}: the episode is over; reset the session first")
+        result = self._act(parse_answer(output_text))
+        self.done = result.terminated or result.truncated
+        return result
+
+    def rng_int(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high] from the env's generator."""
+        return int(self.np_random.integers(low, high + 1))
+
+
+class EpisodeOver(RuntimeError):
+    """step() after the episode ended (the service answers 409)."""
+
+
+def as_array(image: Image.Image | None) -> np.ndarray | None:
+    return None if image is None else np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def base_info(parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, **extra: Any) -> dict[str, Any]:
+    """The info fields every env carries (DESIGN §3.1)."""
+    info = {"format_ok": parsed.format_ok, "action_valid": valid, "action": action, "won": won}
+    if not parsed.format_ok:
+        info["parse_error"] = parsed.error
+    info.update(extra)
+    return info

@@ -1,0 +1,210 @@
+"""Formulas of the card games as token lists: exact evaluation and a solver. Pure functions.
+
+Tokens are single actions ("3", "10", "+", "(", ...). They are never concatenated: "2" then
+"4" is two numbers side by side, a syntax error, not 24 (DESIGN §5.8). Evaluation is exact
+(`fractions.Fraction`), so 8 / (3 - 8 / 3) is exactly 24. Only binary operators exist: a
+leading "-" is a syntax error, as in the card game (RL4VLM's `eval` accepted unary minus).
+"""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from functools import lru_cache
+
+OPERATORS = ("+", "-", "*", "/")
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+class FormulaError(ValueError):
+    """The formula does not parse, or divides by zero."""
+
+
+def is_number(token: str) -> bool:
+    return token.isdigit()
+
+
+def evaluate(tokens: list[str] | tuple[str, ...]) -> Fraction:
+    """Exact value of a token list: expr := term (('+'|'-') term)*, term := atom (('*'|'/') atom)*,
+    atom := number | '(' expr ')'."""
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def atom() -> Fraction:
+        nonlocal pos
+        tok = peek()
+        if tok is None:
+            raise FormulaError("formula ends too early")
+        if tok == "(":
+            pos += 1
+            value = expr()
+            if peek() != ")":
+                raise FormulaError("unbalanced parentheses")
+            pos += 1
+            return value
+        if is_number(tok):
+            pos += 1
+            if peek() is not None and (is_number(peek()) or peek() == "("):
+                raise FormulaError(f"a number cannot follow {tok!r} directly")
+            return Fraction(int(tok))
+        raise FormulaError(f"unexpected {tok!r}")
+
+    def term() -> Fraction:
+        nonlocal pos
+        value = atom()
+        while peek() in ("*", "/"):
+            op = tokens[pos]
+            pos += 1
+            rhs = atom()
+            if op == "*":
+                value *= rhs
+            else:
+                if rhs == 0:
+                    raise FormulaError("division by zero")
+                value /= rhs
+        return value
+
+    def expr() -> Fraction:
+        nonlocal pos
+        value = term()
+        while peek() in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            rhs = term()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    if not tokens:
+        raise FormulaError("empty formula")
+    value = expr()
+    if pos != len(tokens):
+        raise FormulaError(f"unexpected {tokens[pos]!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ solver
+# An expression is (value, tokens, precedence); precedence 3 for a bare number.
+
+
+def _wrap(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    return ("(", *tokens, ")")
+
+
+def _combine(op: str, left, right):
+    lv, lt, lp = left
+    rv, rt, rp = right
+    if op == "/" and rv == 0:
+        return None
+    p = PRECEDENCE[op]
+    # Minimal parentheses: a looser left child, a looser right child, or an equally tight right
+    # child under a non-associative operator (a - (b + c), a / (b * c)).
+    lt = _wrap(lt) if lp < p else lt
+    rt = _wrap(rt) if rp < p or (rp == p and op in "-/") else rt
+    value = {"+": lambda: lv + rv, "-": lambda: lv - rv, "*": lambda: lv * rv, "/": lambda: lv / rv}[op]()
+    return value, (*lt, op, *rt), p
+
+
+def _splits(mask: int):
+    """Ordered (left, right) pairs of non-empty disjoint submasks covering `mask`."""
+    sub = (mask - 1) & mask
+    while sub:
+        yield sub, mask ^ sub
+        sub = (sub - 1) & mask
+
+
+def _needed(op: str, left: Fraction, target: Fraction) -> Fraction | None:
+    """The right operand r with `left op r == target`, or None when there is none."""
+    if op == "+":
+        return target - left
+    if op == "-":
+        return left - target
+    if op == "*":
+        return target / left if left != 0 else None
+    # left / r == target
+    return left / target if target != 0 and left != 0 else None
+
+
+@lru_cache(maxsize=4096)
+def solutions(numbers: tuple[int, ...], target: int, ops: tuple[str, ...] = OPERATORS) -> tuple[tuple[str, ...], ...]:
+    """Every distinct formula (minimal parentheses) using each number once that equals `target`,
+    shortest first. Cached per sorted hand, so the order of cards does not matter."""
+    nums = tuple(sorted(numbers))
+    n = len(nums)
+    table: dict[int, list] = {}
+    for i, x in enumerate(nums):
+        table[1 << i] = [(Fraction(x), (str(x),), 3)]
+    full_mask = (1 << n) - 1
+    for size in range(2, n):
+        for combo in itertools.combinations(range(n), size):
+            mask = sum(1 << i for i in combo)
+            out, seen = [], set()
+            for sub, rest in _splits(mask):
+                for left in table[sub]:
+                    for right in table[rest]:
+                        for op in ops:
+                            e = _combine(op, left, right)
+                            if e is not None and e[1] not in seen:
+                                seen.add(e[1])
+                                out.append(e)
+            table[mask] = out
+    if n == 1:
+        return ((str(nums[0]),),) if nums[0] == target else ()
+    # Top level: only pairs that hit the target, found by looking up the value the right side
+    # needs (10x faster than building every full expression).
+    target_f = Fraction(target)
+    found = set()
+    for sub, rest in _splits(full_mask):
+        by_value: dict[Fraction, list] = {}
+        for right in table[rest]:
+            by_value.setdefault(right[0], []).append(right)
+        for left in table[sub]:
+            lv = left[0]
+            for op in ops:
+                need = _needed(op, lv, target_f)
+                if need is None:
+                    continue
+                for right in by_value.get(need, ()):
+                    e = _combine(op, left, right)
+                    if e is not None and e[0] == target_f:
+                        found.add(e[1])
+    found = sorted(found, key=lambda t: (len(t), t))
+    return tuple(found)
+
+
+def solve(numbers, target: int, ops: tuple[str, ...] = OPERATORS) -> tuple[str, ...] | None:
+    """One shortest formula for the hand, or None when there is none."""
+    found = solutions(tuple(numbers), target, tuple(ops))
+    return found[0] if found else None
+
+
+def completion(numbers, target: int, prefix: list[str] | tuple[str, ...], ops: tuple[str, ...] = OPERATORS
+               ) -> tuple[str, ...] | None:
+    """A solution that starts with `prefix` (the formula typed so far), or None."""
+    prefix = tuple(prefix)
+    for sol in solutions(tuple(numbers), target, tuple(ops)):
+        if sol[: len(prefix)] == prefix:
+            return sol
+    return None
+
+
+def solvable_bruteforce(numbers, target: int, ops: tuple[str, ...] = OPERATORS) -> bool:
+    """Independent check for tests: repeatedly replace two numbers by their combination."""
+    vals = [Fraction(x) for x in numbers]
+
+    def rec(vs: list[Fraction]) -> bool:
+        if len(vs) == 1:
+            return vs[0] == target
+        for i, j in itertools.permutations(range(len(vs)), 2):
+            rest = [v for k, v in enumerate(vs) if k not in (i, j)]
+            a, b = vs[i], vs[j]
+            for op in ops:
+                if op == "/" and b == 0:
+                    continue
+                r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op != "/" else a / b
+                if rec(rest + [r]):
+                    return True
+        return False
+
+    return rec(vals)
