@@ -67,7 +67,7 @@ class Scores:
 
 class Policy:
     def __init__(self, model_path: str | Path, settings: ModelSettings, seed: int = 0,
-                 adapter: str | Path | None = None, value_head: bool = True):
+                 adapter: str | Path | None = None):
         from peft import PeftModel, get_peft_model
 
         self.settings = settings

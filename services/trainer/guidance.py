@@ -1,0 +1,224 @@
+"""Teacher guidance: the KL variant (`/v1/logits`) and the SFT variant (`/v1/generate`).
+
+Both only ever guide thoughts, never actions (DESIGN §4). When the teacher cannot be reached
+after the client's retries, the update runs without guidance and says so loudly (a WARNING
+and the metric `teacher/unavailable = 1`), or, with `teacher.on_unavailable: wait`, the
+trainer waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+
+from services.trainer.config import TrainConfig
+from services.trainer.losses import kl_per_token
+from services.trainer.rollout import RolloutStep
+from services.trainer.spans import split_spans
+from shared.client import RETRY_STATUS, ServiceError
+from shared.schemas import CheckpointUploadResponse, GenerateItem, GenerateRequest, LogitsItem, LogitsRequest, TeacherInfo
+from shared.teacher_client import TeacherClient
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class TeacherLink:
+    """The trainer's side of the teacher service, with the unavailable-teacher policy."""
+
+    def __init__(self, cfg: TrainConfig, fingerprint: str | None = None, client: TeacherClient | None = None):
+        t = cfg.teacher
+        self.settings = t
+        self.fingerprint = fingerprint
+        self.client = client or TeacherClient(t.url, timeout=t.timeout_s, retries=t.retries)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, what: str, fn: Callable[[], R]) -> R | None:
+        """fn(), or None when the teacher is unreachable / not ready after the retries (skip
+        policy). Any other error (e.g. 409 tokenizer mismatch) is a configuration problem: raised."""
+        deadline = time.monotonic() + self.settings.wait_timeout_s
+        while True:
+            try:
+                return fn()
+            except ServiceError as e:
+                if e.status is not None and e.status not in RETRY_STATUS:
+                    raise
+                if self.settings.on_unavailable == "wait" and time.monotonic() < deadline:
+                    log.warning("teacher unavailable for %s (%s); waiting for it (teacher.on_unavailable=wait)", what, e)
+                    try:
+                        self.client.wait_ready(timeout=max(1.0, min(60.0, deadline - time.monotonic())))
+                    except ServiceError:
+                        pass
+                    continue
+                log.warning("TEACHER UNAVAILABLE: %s failed after retries (%s); this update runs WITHOUT teacher "
+                            "guidance (metric teacher/unavailable=1)", what, e)
+                return None
+
+    def logprobs(self, items: list[LogitsItem], temperature: float) -> tuple[int, list] | None:
+        def run():
+            version, out = -1, []
+            for i in range(0, len(items), self.settings.batch_size):
+                req = LogitsRequest(items=items[i:i + self.settings.batch_size], temperature=temperature,
+                                    tokenizer_fingerprint=self.fingerprint)
+                r = self.client.logits(req)
+                version = max(version, r.teacher_version)
+                out.extend(r.items)
+            return version, out
+        return self._call("/v1/logits", run)
+
+    def generate(self, items: list[GenerateItem]) -> tuple[int, list] | None:
+        def run():
+            version, out = -1, []
+            for i in range(0, len(items), self.settings.batch_size):
+                r = self.client.generate(GenerateRequest(items=items[i:i + self.settings.batch_size]))
+                version = max(version, r.teacher_version)
+                out.extend(r.items)
+            return version, out
+        return self._call("/v1/generate", run)
+
+    def info(self) -> TeacherInfo | None:
+        return self._call("/v1/teacher", self.client.info)
+
+    def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
+        return self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
+
+    def wait_for_version(self, above: int, timeout_s: float) -> int | None:
+        """Poll /v1/teacher until its version exceeds `above` (a scheduled merge landed)."""
+        deadline = time.monotonic() + timeout_s
+        version = None
+        while time.monotonic() < deadline:
+            info = self.info()
+            version = info.version if info else None
+            if version is not None and version > above:
+                return version
+            time.sleep(0.2)
+        return version
+
+
+def push_adapter(link: TeacherLink, policy, step: int, cfg: TrainConfig, known_version: int | None) -> dict[str, Any]:
+    """Upload the adapter peft's save_pretrained writes (key names untouched: the teacher maps them)."""
+    with tempfile.TemporaryDirectory(prefix="gtr-adapter-") as tmp:
+        policy.save_adapter(tmp)
+        r = link.push(Path(tmp), step)
+    if r is None:
+        return {"teacher/push_failed": 1}
+    m: dict[str, Any] = {"teacher/push_failed": 0, "teacher/merge_scheduled": int(r.merge_scheduled)}
+    if cfg.teacher.wait_for_merge_s > 0 and r.merge_scheduled:
+        v = link.wait_for_version(known_version if known_version is not None else -1, cfg.teacher.wait_for_merge_s)
+        if v is not None:
+            m["teacher/version_after_push"] = v
+    return m
+
+
+# --------------------------------------------------------------------------------- KL variant
+
+
+def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -> dict[str, Any]:
+    """Send each step's chat and its sampled thought tokens to /v1/logits; store KL_t per step.
+
+    Steps with no parseable thought get no KL term (their format penalty already applies).
+    """
+    g = cfg.guidance
+    guided = [s for s in steps if s.thought_ok and s.n_thought > 0]
+    m: dict[str, Any] = {"teacher/unavailable": 0, "teacher/guided_frac": len(guided) / max(1, len(steps))}
+    if not guided:
+        m["kl_mean"] = 0.0
+        return m
+    temperature = 1.0 if g.kl_temperature == "untempered" else cfg.generation.temperature
+    items = [LogitsItem(messages=s.messages, completion_ids=s.tokens[:s.n_thought]) for s in guided]
+    res = link.logprobs(items, temperature)
+    if res is None:
+        m.update({"teacher/unavailable": 1, "kl_mean": None, "teacher/guided_frac": 0.0})
+        return m
+    version, results = res
+    kls, raw = [], []
+    for s, r in zip(guided, results, strict=True):
+        if len(r.logprobs) != s.n_thought:
+            raise RuntimeError(f"teacher returned {len(r.logprobs)} log-probs for {s.n_thought} thought tokens")
+        teacher_lp = torch.tensor(r.logprobs, dtype=torch.float32)
+        k = kl_per_token(s.student_thought_lp, teacher_lp, g.kl_estimator)
+        s.kl, s.kl_tokens, s.teacher_version = float(k.mean()), k.tolist(), version
+        kls.append(s.kl)
+        raw.append(float((s.student_thought_lp - teacher_lp).mean()))
+    m.update({"kl_mean": float(np.mean(kls)), "teacher/kl_max": float(np.max(kls)),
+              "teacher/k1_unclipped_mean": float(np.mean(raw)), "teacher_version": version})
+    return m
+
+
+# --------------------------------------------------------------------------------- SFT variant
+
+
+@dataclass
+class SFTExample:
+    prompt: dict[str, torch.Tensor]
+    ids: list[int]
+    """The teacher's thought tokens followed by the agent's own action tokens."""
+    n_thought: int
+    """CE applies to ids[:n_thought] only."""
+
+
+class ReplayBuffer:
+    """Bounded FIFO of SFT examples (the oldest go first)."""
+
+    def __init__(self, size: int):
+        self.items: deque[SFTExample] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, ex: SFTExample) -> None:
+        self.items.append(ex)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[SFTExample]:
+        if not self.items:
+            return []
+        idx = rng.choice(len(self.items), size=min(n, len(self.items)), replace=False)
+        return [self.items[int(i)] for i in idx]
+
+    def state(self) -> list[dict[str, Any]]:
+        return [{"prompt": ex.prompt, "ids": torch.tensor(ex.ids, dtype=torch.long), "n_thought": ex.n_thought}
+                for ex in self.items]
+
+    def load_state(self, state: list[dict[str, Any]]) -> None:
+        self.items.clear()
+        for d in state:
+            self.items.append(SFTExample(d["prompt"], d["ids"].tolist(), int(d["n_thought"])))
+
+
+def sft_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig, tokenizer, buffer: ReplayBuffer,
+                 seed: int) -> dict[str, Any]:
+    """Ask the teacher for a thought on each step's observation; keep the ones that parse."""
+    g = cfg.guidance
+    items = [GenerateItem(messages=s.messages, max_new_tokens=g.teacher_max_new_tokens or cfg.generation.max_new_tokens,
+                          temperature=g.teacher_temperature, seed=seed + i) for i, s in enumerate(steps)]
+    m: dict[str, Any] = {"teacher/unavailable": 0, "kl_mean": None}
+    res = link.generate(items)
+    if res is None:
+        m["teacher/unavailable"] = 1
+        m["sft/buffer_size"] = len(buffer)
+        return m
+    version, results = res
+    kept = 0
+    for s, r in zip(steps, results, strict=True):
+        s.teacher_version = version
+        sp = split_spans(tokenizer, r.token_ids)
+        if not sp.thought_ok:
+            continue  # the teacher's failure is never the agent's penalty: dropped
+        # The agent's own action follows the teacher's thought; CE never reaches it (causal, masked).
+        own = split_spans(tokenizer, s.tokens)
+        action = s.tokens[own.n_thought:] if own.has_action_key else list(r.token_ids[sp.n_thought:])
+        buffer.add(SFTExample(s.prompt, list(r.token_ids[:sp.n_thought]) + list(action), sp.n_thought))
+        kept += 1
+    m.update({"teacher_version": version, "sft/teacher_parse_rate": kept / max(1, len(steps)),
+              "sft/added": kept, "sft/buffer_size": len(buffer)})
+    return m

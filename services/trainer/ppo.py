@@ -1,0 +1,130 @@
+"""The PPO update (DESIGN §4), top-down in the paper's order: advantages (GAE, then the KL
+shaping, then normalisation), epochs x minibatches with gradient accumulation over
+micro-batches, a grad-norm clip that applies, one scheduler step per optimizer step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from services.trainer.config import TrainConfig
+from services.trainer.guidance import ReplayBuffer
+from services.trainer.losses import cosine_lr_factor, explained_variance, gae, normalize, ppo_clip_loss, value_loss
+from services.trainer.policy import Policy
+from services.trainer.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOBatch:
+    """One update's samples, flattened from [T, N] (b_* in CleanRL)."""
+
+    prompts: list[dict[str, torch.Tensor]]
+    completions: list[list[int]]
+    n_thought: list[int]
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    """Normalised, KL-shaped advantages: what the surrogate uses."""
+    returns: torch.Tensor
+    """Value targets: GAE returns without the KL term."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def build_batch(rollout: Rollout, cfg: TrainConfig) -> tuple[PPOBatch, dict[str, Any]]:
+    rows = rollout.steps
+
+    def grid(f):
+        return torch.tensor([[f(s) for s in row] for row in rows], dtype=torch.float32)
+
+    rewards, values, next_values = grid(lambda s: s.reward), grid(lambda s: s.value), grid(lambda s: s.next_value)
+    terminated, truncated = grid(lambda s: float(s.terminated)), grid(lambda s: float(s.truncated))
+    adv, returns = gae(rewards, values, next_values, terminated, truncated, cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    kl = grid(lambda s: s.kl if s.kl is not None else 0.0)
+    beta = cfg.guidance.beta if cfg.guidance.mode == "kl" else 0.0
+    b_adv = adv.reshape(-1)
+    # GTR-Turbo-KL: A' = A - beta * KL_t, before the batch normalisation by default; the value
+    # targets (returns) never include it.
+    if cfg.guidance.kl_before_norm:
+        b_adv = b_adv - beta * kl.reshape(-1)
+    if cfg.ppo.norm_adv:
+        b_adv = normalize(b_adv)
+    if not cfg.guidance.kl_before_norm:
+        b_adv = b_adv - beta * kl.reshape(-1)
+    flat = rollout.flat()
+    batch = PPOBatch(prompts=[s.prompt for s in flat], completions=[s.tokens for s in flat],
+                     n_thought=[s.n_thought for s in flat], old_logp=torch.tensor([s.logprob for s in flat]),
+                     old_values=values.reshape(-1), advantages=b_adv, returns=returns.reshape(-1))
+    m = {"ppo/adv_raw_mean": float(adv.mean()), "ppo/return_mean": float(returns.mean()),
+         "ppo/kl_penalty_mean": float(beta * kl.mean())}
+    return batch, m
+
+
+def make_optimizer(policy: Policy, cfg: TrainConfig):
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo.lr, weight_decay=cfg.ppo.weight_decay)
+    total = cfg.total_optimizer_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: cosine_lr_factor(step, total, cfg.ppo.warmup_steps, cfg.ppo.min_lr_ratio))
+    return opt, sched
+
+
+def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: TrainConfig, rng: np.random.Generator,
+               sft_buffer: ReplayBuffer | None = None, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    p, dev = cfg.ppo, policy.device
+    params = policy.parameters()
+    stats: dict[str, list[float]] = {}
+
+    def add(k, v):
+        stats.setdefault(k, []).append(float(v))
+
+    policy.train(True)  # LoRA dropout (if configured) is on during the update only
+    new_values_all = torch.zeros(len(batch))
+    try:
+        for _epoch in range(p.epochs):
+            perm = rng.permutation(len(batch))
+            for start in range(0, len(batch), p.minibatch_size):
+                mb = perm[start:start + p.minibatch_size]
+                optimizer.zero_grad(set_to_none=True)
+                for ms in range(0, len(mb), p.micro_batch_size):
+                    idx = [int(i) for i in mb[ms:ms + p.micro_batch_size]]
+                    sc = policy.score([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
+                                      [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef)
+                    old_logp, adv = batch.old_logp[idx].to(dev), batch.advantages[idx].to(dev)
+                    pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef)
+                    v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
+                    ent = sc.entropy.mean()
+                    loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * ent
+                    (loss * len(idx) / len(mb)).backward()  # accumulate: a minibatch-mean gradient
+                    new_values_all[idx] = sc.values.detach().float().cpu()
+                    for k, v in st.items():
+                        add(f"ppo/{k}", v)
+                    add("ppo/pg_loss", pg_loss.item())
+                    add("ppo/value_loss", v_loss.item())
+                    add("ppo/entropy", ent.item())
+                if sft_buffer is not None and cfg.guidance.sft_alpha > 0 and len(sft_buffer):
+                    exs = sft_buffer.sample(cfg.guidance.sft_batch_size, rng)
+                    ce = policy.masked_ce([e.prompt for e in exs], [e.ids for e in exs], [e.n_thought for e in exs])
+                    (cfg.guidance.sft_alpha * ce).backward()  # L = L_PPO + alpha * CE(thought tokens)
+                    add("sft/ce", ce.item())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+                add("ppo/grad_norm", grad_norm.item())
+                add("ppo/lr", optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                if on_step:
+                    on_step()
+    finally:
+        policy.train(False)
+    m = {k: float(np.mean(v)) for k, v in stats.items()}
+    m["ppo/clipfrac_max"] = float(np.max(stats["ppo/clipfrac"]))
+    m["ppo/explained_variance"] = explained_variance(batch.old_values, batch.returns)
+    m["ppo/value_after_mean"] = float(new_values_all.mean())
+    m["ppo/optimizer_steps"] = len(stats["ppo/lr"])
+    return m

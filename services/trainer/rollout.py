@@ -1,0 +1,178 @@
+"""Rollouts: `num_envs` sessions stepped together, generation batched across them.
+
+Each step stores what PPO and the teacher need later (DESIGN §4): the exact encoded prompt
+and image of the rollout, the raw image as uint8, the chat (for teacher requests), the
+sampled tokens and their thought/action split, the old log-prob, the value, the reward,
+terminated / truncated kept apart, and (after guidance) the teacher version and KL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from services.trainer.config import TrainConfig
+from services.trainer.envpool import EnvPool, EnvResult
+from services.trainer.policy import Policy
+from services.trainer.spans import split_spans
+from shared.chat import encode_prompt
+from shared.codecs import b64_to_image, image_to_array
+from shared.prompting import observation_messages
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (base seed, update, env, episode, ...): same parts, same seed."""
+    return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0] % (2**31 - 1))
+
+
+@dataclass
+class RolloutStep:
+    prompt: dict[str, torch.Tensor]
+    """`encode_prompt` output: the exact input ids, mm_token_type_ids and pixel values of the rollout."""
+    messages: list[dict[str, Any]]
+    """The chat (base64 image + instruction) the policy saw; sent to the teacher as is."""
+    image: np.ndarray | None
+    """The observation image, uint8 HxWx3 (never float32: DESIGN §5.7)."""
+    tokens: list[int]
+    """Sampled completion ids (ending with the EOS token when the model stopped)."""
+    text: str
+    """The output as sent to the env."""
+    n_thought: int
+    """Completion tokens [0, n_thought) are the thought span."""
+    thought_ok: bool
+    logprob: float
+    """Old log-prob: lambda * sum(thought) + sum(action), fp32, at the sampling temperature."""
+    value: float
+    student_thought_lp: torch.Tensor | None
+    """The student's log-prob of each thought token at the KL temperature (KL guidance)."""
+    env_reward: float
+    reward: float
+    """Env reward + format reward: what GAE sees."""
+    terminated: bool
+    truncated: bool
+    format_ok: bool
+    info: dict[str, Any]
+    env_index: int
+    next_value: float = 0.0
+    """V(s_{t+1}): next step's value, the final observation's value on truncation, the bootstrap at the end."""
+    kl: float | None = None
+    kl_tokens: list[float] | None = None
+    teacher_version: int | None = None
+
+
+@dataclass
+class Rollout:
+    steps: list[list[RolloutStep]]
+    """[T][N]."""
+    episodes: list[dict[str, Any]] = field(default_factory=list)
+    """Episodes that ended during this rollout: return, length, won, task_type."""
+
+    def flat(self) -> list[RolloutStep]:
+        return [s for row in self.steps for s in row]
+
+
+def decode_image(obs_image: str | None) -> np.ndarray | None:
+    return None if not obs_image else image_to_array(b64_to_image(obs_image))
+
+
+def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
+            on_step: Callable[[int], None] | None = None) -> Rollout:
+    """One update's rollout. Episodes start fresh each update with seeds derived from
+    (cfg.seed, update, env, episode), so a resumed run replays the same episodes."""
+    n, T = cfg.env.num_envs, cfg.env.num_steps
+    proc, tok = policy.processor, policy.tokenizer
+    temp = cfg.generation.temperature
+    kl_temp = None
+    if cfg.guidance.mode == "kl":
+        kl_temp = 1.0 if cfg.guidance.kl_temperature == "untempered" else temp
+    episode_no = [0] * n
+    current: list[EnvResult] = pool.open([derive_seed(cfg.seed, update, e, 0) for e in range(n)])
+    ep_return, ep_len = [0.0] * n, [0] * n
+    rollout = Rollout(steps=[])
+    for t in range(T):
+        messages = [observation_messages(c.observation) for c in current]
+        prompts = [encode_prompt(proc, m) for m in messages]
+        completions = policy.generate(prompts, temp, cfg.generation.max_new_tokens)
+        spans = [split_spans(tok, c) for c in completions]
+        with torch.no_grad():
+            sc = policy.score(prompts, completions, [s.n_thought for s in spans], temp, cfg.ppo.thought_coef,
+                              kl_temperature=kl_temp)
+        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+        results = pool.step(texts)
+        row: list[RolloutStep] = []
+        truncated_final: dict[int, dict[str, torch.Tensor]] = {}
+        for e, r in enumerate(results):
+            fmt = bool(r.info.get("format_ok", False))
+            shaped = r.reward + (cfg.reward.format_ok if fmt else cfg.reward.format_bad)
+            row.append(RolloutStep(
+                prompt=prompts[e], messages=messages[e], image=decode_image(current[e].observation.image),
+                tokens=completions[e], text=texts[e], n_thought=spans[e].n_thought, thought_ok=spans[e].thought_ok,
+                logprob=float(sc.logprob[e]), value=float(sc.values[e]),
+                student_thought_lp=sc.thought_logprobs[e] if sc.thought_logprobs is not None else None,
+                env_reward=float(r.reward), reward=float(shaped), terminated=bool(r.terminated),
+                truncated=bool(r.truncated), format_ok=fmt, info=r.info, env_index=e))
+            ep_return[e] += r.reward
+            ep_len[e] += 1
+            if r.terminated or r.truncated:
+                rollout.episodes.append({"return": ep_return[e], "length": ep_len[e], "won": bool(r.info.get("won", False)),
+                                         "task_type": r.info.get("task_type"), "env_index": e})
+                if r.truncated and not r.terminated:
+                    # Bootstrap through the time limit: the value of the final observation.
+                    truncated_final[e] = encode_prompt(proc, observation_messages(r.observation))
+                ep_return[e], ep_len[e] = 0.0, 0
+                episode_no[e] += 1
+                current[e] = pool.reset(e, derive_seed(cfg.seed, update, e, episode_no[e]))
+            else:
+                current[e] = r
+        if truncated_final:
+            with torch.no_grad():
+                vals = policy.values(list(truncated_final.values()))
+            for e, v in zip(truncated_final, vals.tolist(), strict=True):
+                row[e].next_value = float(v)
+        if rollout.steps:
+            for prev, now in zip(rollout.steps[-1], row, strict=True):
+                if not (prev.terminated or prev.truncated):
+                    prev.next_value = now.value
+        rollout.steps.append(row)
+        if on_step:
+            on_step(t)
+    # Bootstrap the steps the rollout cut off.
+    last = rollout.steps[-1]
+    open_envs = [e for e in range(n) if not (last[e].terminated or last[e].truncated)]
+    if open_envs:
+        prompts = [encode_prompt(proc, observation_messages(current[e].observation)) for e in open_envs]
+        with torch.no_grad():
+            vals = policy.values(prompts)
+        for e, v in zip(open_envs, vals.tolist(), strict=True):
+            last[e].next_value = float(v)
+    return rollout
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
+    flat = rollout.flat()
+    eps = rollout.episodes
+    m: dict[str, Any] = {
+        "episodes": len(eps),
+        "success_rate": float(np.mean([e["won"] for e in eps])) if eps else 0.0,
+        "mean_return": float(np.mean([e["return"] for e in eps])) if eps else 0.0,
+        "mean_episode_length": float(np.mean([e["length"] for e in eps])) if eps else 0.0,
+        "format_ok_rate": float(np.mean([s.format_ok for s in flat])),
+        "rollout/thought_ok_rate": float(np.mean([s.thought_ok for s in flat])),
+        "rollout/reward_mean": float(np.mean([s.reward for s in flat])),
+        "rollout/env_reward_mean": float(np.mean([s.env_reward for s in flat])),
+        "rollout/tokens_mean": float(np.mean([len(s.tokens) for s in flat])),
+        "rollout/value_mean": float(np.mean([s.value for s in flat])),
+    }
+    by_type: dict[str, list[dict]] = {}
+    for e in eps:
+        if e.get("task_type"):
+            by_type.setdefault(str(e["task_type"]), []).append(e)
+    for k, v in sorted(by_type.items()):
+        m[f"task/{k}/success_rate"] = float(np.mean([e["won"] for e in v]))
+    return m
