@@ -36,6 +36,17 @@ class Metrics:
         self.merge_seconds = Gauge("teacher_last_merge_seconds", "Duration of the last merge", registry=self.registry)
 
 
+def get_service(request: Request) -> TeacherService:
+    svc = getattr(request.app.state, "service", None)
+    if svc is None:
+        raise ApiError(503, "not_ready", "the teacher is still loading")
+    return svc
+
+
+# Module level: with postponed annotations FastAPI resolves route annotations in module globals.
+Service = Annotated[TeacherService, Depends(get_service)]
+
+
 def _api_error(e: TeacherError | BackendError) -> ApiError:
     return ApiError(e.status, e.error, e.detail)
 
@@ -70,14 +81,6 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
     install_error_handlers(app)
     metrics = Metrics()
     app.state.metrics = metrics
-
-    def get_service(request: Request) -> TeacherService:
-        svc = getattr(request.app.state, "service", None)
-        if svc is None:
-            raise ApiError(503, "not_ready", "the teacher is still loading")
-        return svc
-
-    Service = Annotated[TeacherService, Depends(get_service)]
 
     def observe(route: str, status: int, t0: float) -> None:
         metrics.requests.labels(route, str(status)).inc()
