@@ -52,6 +52,8 @@ class TextActionEnv:
     description: ClassVar[str] = ""
     default_options: ClassVar[dict[str, Any]] = {}
     max_steps: ClassVar[int | None] = None
+    fast: ClassVar[bool] = True
+    """Steps take well under a millisecond (batched steps share workers)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.default_options))

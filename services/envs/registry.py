@@ -1,0 +1,64 @@
+"""Which envs the service offers, their options and action vocabularies, and how to build one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.envs.alfworld_env import AlfWorldEnv, AlfWorldThorEnv, alfworld_status
+from services.envs.base import EnvOptionError, EnvUnavailable, TextActionEnv
+from services.envs.cardgames import EZPointsEnv, Points24Env
+from services.envs.numberline import NumberLineEnv
+
+ENVS: dict[str, type[TextActionEnv]] = {
+    "points24": Points24Env,
+    "ezpoints": EZPointsEnv,
+    "numberline": NumberLineEnv,
+    "alfworld": AlfWorldEnv,
+    "alfworld-thor": AlfWorldThorEnv,
+}
+
+
+class UnknownEnv(KeyError):
+    pass
+
+
+class Registry:
+    """The env classes plus per-env option defaults set by the operator (e.g. ALFWorld's data path)."""
+
+    def __init__(self, envs: dict[str, type[TextActionEnv]] | None = None,
+                 defaults: dict[str, dict[str, Any]] | None = None):
+        self.envs = dict(ENVS if envs is None else envs)
+        self.defaults = defaults or {}
+
+    def unavailable_reason(self, env_id: str) -> str | None:
+        cls = self.envs[env_id]
+        if getattr(cls, "unavailable_reason", None):
+            return cls.unavailable_reason
+        if cls is AlfWorldEnv:
+            ok, msg = alfworld_status()
+            return None if ok else msg
+        return None
+
+    def specs(self) -> list[dict[str, Any]]:
+        out = []
+        for env_id, cls in self.envs.items():
+            reason = self.unavailable_reason(env_id)
+            actions = None
+            if reason is None and cls.__dict__.get("actions") is not TextActionEnv.actions and env_id != "alfworld":
+                try:
+                    actions = cls().actions()
+                except (EnvOptionError, EnvUnavailable):
+                    actions = None
+            out.append({"env_id": env_id, "description": cls.description,
+                        "options": {**cls.default_options, **self.defaults.get(env_id, {})},
+                        "actions": actions, "max_steps": cls.max_steps,
+                        "available": reason is None, "unavailable_reason": reason})
+        return out
+
+    def make(self, env_id: str, options: dict[str, Any] | None = None) -> TextActionEnv:
+        if env_id not in self.envs:
+            raise UnknownEnv(f"unknown env_id {env_id!r}; available: {sorted(self.envs)}")
+        reason = self.unavailable_reason(env_id)
+        if reason is not None:
+            raise EnvUnavailable(f"{env_id}: {reason}")
+        return self.envs[env_id](**{**self.defaults.get(env_id, {}), **(options or {})})

@@ -1,0 +1,215 @@
+"""Sessions: one env each, a TTL, a maximum count, and failures kept to the session that failed.
+
+No FastAPI here. Every env call runs in a thread pool (`SessionManager.run`), one at a time per
+session (a lock each), so a slow ALFWorld step never blocks the event loop or other sessions.
+An exception inside an env marks its session failed: that call and every later one get
+`SessionFailed` (the app answers 409) until the session is deleted; the service carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from services.envs.base import EnvOptionError, EpisodeOver, Obs, StepResult, TextActionEnv
+from services.envs.registry import Registry
+from services.envs.render import to_png_b64
+
+log = logging.getLogger(__name__)
+
+
+class UnknownSession(KeyError):
+    pass
+
+
+class SessionFailed(RuntimeError):
+    pass
+
+
+class TooManySessions(RuntimeError):
+    pass
+
+
+@dataclass
+class Session:
+    session_id: str
+    env_id: str
+    env: TextActionEnv
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: str | None = None
+    steps: int = 0
+
+
+def observation_dict(obs: Obs) -> dict[str, Any]:
+    return {"image": to_png_b64(obs.image) if obs.image is not None else None, "text": obs.text,
+            "instruction": obs.instruction, "admissible_actions": obs.admissible_actions}
+
+
+def step_dict(result: StepResult) -> dict[str, Any]:
+    return {"observation": observation_dict(result.observation), "reward": float(result.reward),
+            "terminated": bool(result.terminated), "truncated": bool(result.truncated), "info": result.info}
+
+
+class SessionManager:
+    def __init__(self, registry: Registry, max_sessions: int = 256, ttl_s: float = 1800.0, workers: int = 4,
+                 on_step: Callable[[str, float], None] | None = None, on_failure: Callable[[str], None] | None = None):
+        self.registry = registry
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="env")
+        self.workers = workers
+        self._sessions: dict[str, Session] = {}
+        self._guard = threading.Lock()
+        self._on_step = on_step or (lambda env_id, seconds: None)
+        self._on_failure = on_failure or (lambda env_id: None)
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self) -> None:
+        for sid in list(self._sessions):
+            self.delete(sid)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def by_env(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in list(self._sessions.values()):
+            out[s.env_id] = out.get(s.env_id, 0) + 1
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def create(self, env_id: str, seed: int | None, options: dict[str, Any]) -> tuple[str, dict[str, Any], dict]:
+        with self._guard:
+            if len(self._sessions) >= self.max_sessions:
+                self._reap_locked()
+            if len(self._sessions) >= self.max_sessions:
+                raise TooManySessions(f"{self.max_sessions} sessions are open (the maximum); delete some or wait "
+                                      f"for idle ones to expire after {self.ttl_s:.0f}s")
+            # Reserve the slot before the (possibly slow) env construction.
+            sid = uuid.uuid4().hex
+            self._sessions[sid] = None  # type: ignore[assignment]
+        try:
+            env = self.registry.make(env_id, options)
+            session = Session(sid, env_id, env)
+            with session.lock:
+                obs, info = self._guarded(session, lambda: env.reset(seed=seed))
+        except BaseException:
+            with self._guard:
+                self._sessions.pop(sid, None)
+            raise
+        with self._guard:
+            self._sessions[sid] = session
+        return sid, observation_dict(obs), info
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"unknown session {session_id!r} (deleted, expired after {self.ttl_s:.0f}s idle, "
+                                 "or never created)")
+        if session.failed:
+            raise SessionFailed(f"session {session_id} failed: {session.failed}; delete it and create a new one")
+        return session
+
+    def delete(self, session_id: str) -> None:
+        with self._guard:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise UnknownSession(f"unknown session {session_id!r}")
+        try:
+            session.env.close()
+        except Exception:  # noqa: BLE001 - closing a broken env must not fail the delete
+            log.warning("closing session %s raised", session_id, exc_info=True)
+
+    def _reap_locked(self) -> int:
+        now = time.monotonic()
+        expired = [sid for sid, s in self._sessions.items() if s is not None and now - s.last_used > self.ttl_s]
+        for sid in expired:
+            session = self._sessions.pop(sid)
+            try:
+                session.env.close()
+            except Exception:  # noqa: BLE001
+                log.warning("closing expired session %s raised", sid, exc_info=True)
+        if expired:
+            log.info("expired %d idle session(s)", len(expired))
+        return len(expired)
+
+    def reap(self) -> int:
+        with self._guard:
+            return self._reap_locked()
+
+    # -- env calls ---------------------------------------------------------------------------------
+    def _guarded(self, session: Session, fn):
+        """Run an env call; client errors pass through, anything else fails the session."""
+        try:
+            return fn()
+        except (EnvOptionError, EpisodeOver):
+            raise
+        except Exception as e:  # noqa: BLE001 - an env bug must fail its session, not the service
+            session.failed = f"env {session.env_id!r} raised {type(e).__name__}: {e}"
+            log.exception("session %s (%s) failed", session.session_id, session.env_id)
+            self._on_failure(session.env_id)
+            raise SessionFailed(f"session {session.session_id} failed: {session.failed}; delete it and create a new one") from e
+
+    def reset(self, session_id: str, seed: int | None, options: dict[str, Any] | None) -> tuple[dict, dict]:
+        session = self.get(session_id)
+        with session.lock:
+            if session.failed:
+                raise SessionFailed(f"session {session_id} failed: {session.failed}")
+            session.last_used = time.monotonic()
+            obs, info = self._guarded(session, lambda: session.env.reset(seed=seed, options=options))
+        return observation_dict(obs), info
+
+    def step(self, session_id: str, action: str) -> dict[str, Any]:
+        session = self.get(session_id)
+        with session.lock:
+            if session.failed:
+                raise SessionFailed(f"session {session_id} failed: {session.failed}")
+            session.last_used = time.monotonic()
+            t0 = time.perf_counter()
+            result = self._guarded(session, lambda: session.env.step(action))
+            out = step_dict(result)
+            session.steps += 1
+        self._on_step(session.env_id, time.perf_counter() - t0)
+        return out
+
+    def step_group(self, items: list[tuple[int, str, str]]) -> list[tuple[int, dict[str, Any] | Exception]]:
+        """Steps run in order in one worker; each item's failure is returned, not raised."""
+        out: list[tuple[int, dict[str, Any] | Exception]] = []
+        for idx, sid, action in items:
+            try:
+                out.append((idx, self.step(sid, action)))
+            except Exception as e:  # noqa: BLE001 - reported per item (the session is already marked)
+                out.append((idx, e))
+        return out
+
+    async def step_batch(self, steps: list[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
+        """Run a batch: steps of one session stay in order; cheap envs share a few workers, slow
+        ones (ALFWorld) get a worker each so that one slow step does not hold the others back."""
+        by_session: dict[str, list[tuple[int, str, str]]] = {}
+        for idx, (sid, action) in enumerate(steps):
+            by_session.setdefault(sid, []).append((idx, sid, action))
+        fast, slow = [], []
+        for sid, items in by_session.items():
+            session = self._sessions.get(sid)
+            (fast if session is not None and getattr(session.env, "fast", True) else slow).append(items)
+        n_chunks = max(1, min(self.workers, len(fast)))
+        chunks: list[list[tuple[int, str, str]]] = [[] for _ in range(n_chunks)]
+        for i, items in enumerate(fast):
+            chunks[i % n_chunks].extend(items)
+        jobs = [self.run(self.step_group, c) for c in chunks if c] + [self.run(self.step_group, g) for g in slow]
+        results: list[dict[str, Any] | Exception] = [None] * len(steps)  # type: ignore[list-item]
+        for group in await asyncio.gather(*jobs):
+            for idx, res in group:
+                results[idx] = res
+        return results
