@@ -74,7 +74,7 @@ def register(sub) -> None:
                        description="Train with PPO on the env service, guided by the teacher (guidance.mode "
                                    "none|kl|sft). Writes <run_dir>/metrics.jsonl, TensorBoard, samples, checkpoint.")
     p.add_argument("--config", help="YAML config (configs/*.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.path=runs/sft --set guidance.mode=kl (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint")
     p.add_argument("--port", type=int, help="trainer status service port (0: none; default trainer.port)")
@@ -84,7 +84,7 @@ def register(sub) -> None:
                        description="Collect expert demonstrations from the env service, train LoRA on them, merge "
                                    "the adapter and save a new base model directory.")
     p.add_argument("--config", help="YAML config (keys of services.trainer.sft_init.SFTConfig)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--model", help="source model directory (model.path)")
     p.add_argument("--out", help="output model directory")
     p.add_argument("--env-url", dest="env_url")
