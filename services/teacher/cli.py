@@ -6,18 +6,29 @@ import argparse
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from shared.config import ConfigError
     from shared.server import serve
     from services.teacher.app import create_app
     from services.teacher.settings import TeacherSettings
 
-    settings = TeacherSettings(
+    try:
+        settings = _settings(args, TeacherSettings)
+    except ValidationError as e:
+        lines = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"teacher serve: {lines}") from e
+    serve(create_app(settings), settings.host, settings.port)
+    return 0
+
+
+def _settings(args: argparse.Namespace, cls):
+    return cls(
         backend=args.backend, model=args.model, store=args.store, device=args.device, dtype=args.dtype,
         merge_method=args.merge_method, density=args.density, weighting=args.weighting, ema_alpha=args.ema_alpha,
         window=args.window, merge_every=args.merge_every, scale=args.scale, merge_device=args.merge_device,
         max_upload_mb=args.max_upload_mb, max_tokens=args.max_tokens, openai_base_url=args.openai_base_url,
         openai_api_key_env=args.openai_api_key_env, host=args.host, port=args.port)
-    serve(create_app(settings), settings.host, settings.port)
-    return 0
 
 
 def _query(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def _token_texts(model_dir: str | None, ids: list[int]) -> list[str]:
 
 def run_query(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
     client = TeacherClient(args.url, retries=1)
     if args.query_command == "info":
         info = client.info()
