@@ -70,13 +70,19 @@ class CardFormulaEnv(TextActionEnv):
         raise NotImplementedError
 
     def _reset(self, options: dict[str, Any]) -> tuple[Obs, dict[str, Any]]:
-        if options:
-            raise EnvOptionError(f"{self.env_id}: reset takes no options (set them when creating the session)")
-        for _ in range(1000):
-            self.cards = self._deal()
-            self.numbers = [self.card_value(r) for r, _ in self.cards]
-            if not self.options.get("solvable_only") or solve(self.numbers, self.target, self.arith_ops):
-                break
+        unknown = set(options) - {"cards"}
+        if unknown:
+            raise EnvOptionError(f"{self.env_id}: reset option(s) {sorted(unknown)} unknown; the only one is 'cards' "
+                                 "(other options are set when the session is created)")
+        if "cards" in options:
+            self.cards = self._parse_cards(options["cards"])
+        else:
+            for _ in range(1000):
+                self.cards = self._deal()
+                numbers = [self.card_value(r) for r, _ in self.cards]
+                if not self.options.get("solvable_only") or solve(numbers, self.target, self.arith_ops):
+                    break
+        self.numbers = [self.card_value(r) for r, _ in self.cards]
         self.formula: list[str] = []
         self.budget_used = 0  # non-"=" steps taken, valid or not
         self.steps = 0
@@ -84,21 +90,34 @@ class CardFormulaEnv(TextActionEnv):
         info["format_ok"] = True
         return self._obs(), info
 
+    def _parse_cards(self, cards: Any) -> list[tuple[int, str]]:
+        """A hand given at reset, e.g. ["8H", "3S", "QD", "AC"] (rank A,2..10,J,Q,K then suit H/S/D/C)."""
+        ranks = {"A": 1, "J": 11, "Q": 12, "K": 13, **{str(i): i for i in range(1, 14)}}
+        if not isinstance(cards, list) or len(cards) != self.n_cards:
+            raise EnvOptionError(f"{self.env_id}: reset option 'cards' must be a list of {self.n_cards} cards like '8H'")
+        out = []
+        for c in cards:
+            if not isinstance(c, str) or len(c) < 2 or c[:-1].upper() not in ranks or c[-1].upper() not in SUITS:
+                raise EnvOptionError(f"{self.env_id}: bad card {c!r}; write rank (A, 2-10, J, Q, K) then suit (H, S, D, C)")
+            out.append((ranks[c[:-1].upper()], c[-1].upper()))
+        return out
+
     # -- stepping ----------------------------------------------------------------------------------
     def _act(self, parsed: ParsedAnswer) -> StepResult:
         self.steps += 1
         action = parsed.action.strip() if parsed.format_ok else None
-        if action is not None and action not in self.actions():
-            return self._penalise(parsed, None, f"{action!r} is not an action")
         if action == "=":
             return self._evaluate(parsed)
-        self.budget_used += 1
+        known = action is not None and action in self.actions()
+        self.budget_used += 1  # every non-"=" step, valid or not, uses one token of the budget
         if self.budget_used > self.options["max_formula_len"]:
-            info = self._info(parsed, action, action is not None,
+            info = self._info(parsed, action if known else None, known,
                               event=f"truncated: more than {self.options['max_formula_len']} tokens")
             return StepResult(self._obs(), PENALTY, False, True, info)
         if action is None:
             return self._penalise(parsed, None, "unparseable output")
+        if not known:
+            return self._penalise(parsed, None, f"{action!r} is not an action")
         if action.isdigit():
             n = int(action)
             used = Counter(int(t) for t in self.formula if t.isdigit())
