@@ -136,22 +136,29 @@ class Policy:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[dict[str, torch.Tensor]], temperature: float, max_new_tokens: int,
-                 greedy: bool = False) -> list[list[int]]:
+                 greedy: bool = False, with_logprobs: bool = False):
         """Sample one completion per prompt, batched with the KV cache. The sampler draws from
         plain softmax(logits / T) minus the vision tokens: no top-k / top-p / penalties, so it is
-        the distribution `score` computes (DESIGN §5.6)."""
+        the distribution `score` computes (DESIGN §5.6). With `with_logprobs`, also returns the
+        sampler's own log-prob of each sampled token (a check on that claim)."""
         self.model.eval()
         batch = encode(self.processor, prompts, device=self.device)
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         with self.autocast():
             out = self.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, suppress_tokens=self.suppress_ids,
                                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids),
-                                      repetition_penalty=1.0, **kw)
+                                      repetition_penalty=1.0, return_dict_in_generate=True,
+                                      output_scores=with_logprobs, **kw)
+        new = out.sequences[:, batch.width:]
         completions = []
-        for row in out[:, batch.width:].tolist():
+        for row in new.tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
             completions.append(row[:cut])
-        return completions
+        if not with_logprobs:
+            return completions
+        scores = torch.stack(out.scores, dim=1).float()  # processed: suppressed and divided by T
+        lps = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        return completions, [lps[i, :len(c)].cpu() for i, c in enumerate(completions)]
 
     # ------------------------------------------------------------------ scoring
 

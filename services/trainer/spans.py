@@ -61,6 +61,6 @@ def split_spans(tokenizer, ids: Sequence[int]) -> Spans:
     if key is None:
         return Spans(0, len(ends), False, False, text)
     n_thought = sum(1 for e in ends if e <= key)
-    m = THOUGHTS_VALUE.search(text[:key])
-    thought = m.group(1) if m else ""
+    found = THOUGHTS_VALUE.findall(text[:key])
+    thought = found[-1] if found else ""  # the thoughts that belong to this action: the last before it
     return Spans(n_thought, len(ends), True, bool(thought.strip()) and n_thought > 0, text, thought)
