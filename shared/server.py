@@ -80,3 +80,6 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request drowns what happened; our clients log retries and failures.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
