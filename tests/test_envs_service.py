@@ -1,0 +1,287 @@
+"""The env service over real HTTP (uvicorn on 127.0.0.1), with the shared clients."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from services.envs.app import create_app
+from services.envs.base import Obs, StepResult, TextActionEnv, base_info
+from services.envs.registry import ENVS
+from services.envs.settings import EnvServiceSettings
+from shared.client import ServiceError
+from shared.env_client import EnvClient, RemoteEnv
+
+
+class ExplodingEnv(TextActionEnv):
+    """Fault injection: raises inside step when told to (an env bug, as the service sees it)."""
+
+    env_id = "exploding"
+    default_options = {}
+
+    def _reset(self, options):
+        return Obs(text="ready", instruction="say boom"), {"format_ok": True}
+
+    def _act(self, parsed):
+        if parsed.action == "boom":
+            raise RuntimeError("kaboom")
+        return StepResult(Obs(text="ok", instruction="say boom"), 0.0, False, False, base_info(parsed, parsed.action, True))
+
+
+class SlowEnv(ExplodingEnv):
+    """Stands in for a slow ALFWorld step (a game load can take a second)."""
+
+    env_id = "slow"
+    fast = False
+
+    def _act(self, parsed):
+        time.sleep(1.5)
+        return super()._act(parsed)
+
+
+class Server:
+    def __init__(self, port: int, **settings):
+        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv}
+        self.app = create_app(EnvServiceSettings(port=port, **settings), envs=envs)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server(port):
+    with Server(port, max_sessions=8, ttl_s=600) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with EnvClient(server.url, retries=0) as c:
+        yield c
+
+
+def act(a: str) -> str:
+    return json.dumps({"thoughts": "t", "action": a})
+
+
+def test_health_ready_metrics_and_env_list(server, client):
+    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+    client.wait_ready(10)
+    envs = {e.env_id: e for e in client.envs().envs}
+    assert {"points24", "ezpoints", "numberline", "alfworld", "alfworld-thor"} <= set(envs)
+    assert envs["points24"].actions[-1] == "=" and envs["points24"].options["target"] == 24
+    assert envs["numberline"].actions == ["-", "+"]
+    assert envs["alfworld-thor"].model_extra["available"] is False
+    assert "ai2thor" in envs["alfworld-thor"].model_extra["unavailable_reason"]
+    client.create("points24", seed=0)
+    text = httpx.get(server.url + "/metrics").text
+    assert "env_sessions_open 1.0" in text and 'env_sessions_created_total{env_id="points24"} 1.0' in text
+
+
+def test_create_step_reset_delete(client):
+    r = client.create("points24", seed=3, options={"solvable_only": True})
+    sid = r.session_id
+    img = np.asarray(__import__("shared.codecs", fromlist=["b64_to_image"]).b64_to_image(r.observation.image))
+    assert img.shape == (300, 300, 3)
+    assert r.info["expert_action"] and r.info["expert_thoughts"] and r.info["format_ok"] is True
+    cards = r.info["cards"]
+    total = 0.0
+    info = r.info
+    while True:
+        s = client.step(sid, act(info["expert_action"]))
+        info = s.info
+        total += s.reward
+        if s.terminated or s.truncated:
+            break
+    assert s.terminated and info["won"] and s.reward == 10.0
+    with pytest.raises(ServiceError) as e:
+        client.step(sid, act("1"))
+    assert e.value.status == 409 and e.value.error == "episode_over"
+    again = client.reset(sid, seed=3)
+    assert again.info["cards"] == cards and again.info["formula"] == ""
+    client.delete(sid)
+    with pytest.raises(ServiceError) as e:
+        client.step(sid, act("1"))
+    assert e.value.status == 404 and e.value.error == "unknown_session"
+
+
+def test_unknown_session_and_env_are_404(server, client):
+    for method, route in [("post", "/v1/sessions/nope/step"), ("post", "/v1/sessions/nope/reset"),
+                          ("delete", "/v1/sessions/nope")]:
+        kw = {"json": {"action": "x"} if route.endswith("step") else {}} if method == "post" else {}
+        r = getattr(httpx, method)(server.url + route, **kw)
+        assert r.status_code == 404 and r.json()["error"] == "unknown_session", route
+    r = httpx.post(server.url + "/v1/sessions", json={"env_id": "chess"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_env"
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/sessions", {"env": "points24"}),
+    ("/v1/sessions", {"env_id": "points24", "seed": "abc"}),
+    ("/v1/sessions", {"env_id": "points24", "options": {"face_cards": 1}}),
+    ("/v1/sessions", {"env_id": "points24", "options": {"target": -3}}),
+    ("/v1/step", {"steps": []}),
+    ("/v1/step", {"steps": [{"session_id": "x"}]}),
+    ("/v1/step", "not json"),
+])
+def test_malformed_bodies_are_422(server, route, body):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    r = httpx.post(server.url + route, **kw)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"error", "detail"}
+
+
+def test_step_body_must_have_an_action(server, client):
+    sid = client.create("numberline", seed=0).session_id
+    r = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"actoin": "+"})
+    assert r.status_code == 422 and "action" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("env_id", ["points24", "ezpoints", "numberline"])
+def test_garbage_output_gets_the_penalty_never_a_500(server, client, env_id):
+    sid = client.create(env_id, seed=1).session_id
+    for garbage in ["", "}{", '{"action": null}', "\u0000\ud7ff" * 50, '{"action": "' + "9" * 5000 + '"}',
+                    "```json\n{\"action\": [1]}\n```", "x" * 100_000]:
+        r = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"action": garbage})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["reward"] == -1.0 and body["info"]["action"] is None and not body["info"]["action_valid"]
+        if body["truncated"]:
+            client.reset(sid)
+
+
+def test_batched_step_keeps_order_and_isolates_errors(client):
+    sids = [client.create("points24", seed=i).session_id for i in range(4)]
+    bad = client.create("exploding").session_id
+    steps = [(sids[0], act("(")), (sids[1], "garbage"), ("missing", act("1")), (bad, act("boom")),
+             (sids[0], act("(")), (sids[2], act("=")), (sids[3], act("("))]
+    out = client.step_batch(steps)
+    assert [o.session_id for o in out] == [s for s, _ in steps]
+    assert out[0].info["formula"] == "(" and out[4].info["formula"] == "( ("  # same session: in order
+    assert out[1].reward == -1.0 and not out[1].info["format_ok"]
+    assert out[2].error.error == "unknown_session" and out[2].observation is None
+    assert out[3].error.error == "session_failed" and "kaboom" in out[3].error.detail
+    assert out[5].terminated and out[5].reward == -1.0
+    assert out[6].observation.image and out[6].error is None
+
+
+def test_an_env_that_raises_fails_its_own_session_only(server, client):
+    bad = client.create("exploding").session_id
+    good = client.create("numberline", seed=0).session_id
+    assert client.step(bad, act("fine")).info["action"] == "fine"
+    with pytest.raises(ServiceError) as e:
+        client.step(bad, act("boom"))
+    assert e.value.status == 409 and e.value.error == "session_failed" and "RuntimeError: kaboom" in e.value.detail
+    for call in (lambda: client.step(bad, act("fine")), lambda: client.reset(bad)):
+        with pytest.raises(ServiceError) as e:
+            call()
+        assert e.value.status == 409 and "kaboom" in e.value.detail
+    assert client.step(good, act("+")).info["format_ok"]  # the service and other sessions carry on
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    assert 'env_session_failures_total{env_id="exploding"} 1.0' in httpx.get(server.url + "/metrics").text
+    client.delete(bad)  # a failed session can still be deleted
+
+
+def test_a_slow_step_does_not_block_other_sessions(client):
+    slow = client.create("slow").session_id
+    fast = client.create("points24", seed=0).session_id
+    done = {}
+
+    def slow_step():
+        with EnvClient(client.http.base_url, retries=0) as other:
+            other.step(slow, act("x"))
+        done["slow"] = time.monotonic()
+
+    t = threading.Thread(target=slow_step)
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(0.2)
+    for _ in range(10):
+        client.step(fast, act("("))
+    fast_done = time.monotonic()
+    t.join()
+    assert fast_done - t0 < 1.2 < done["slow"] - t0  # ten fast steps finished while the slow one ran
+    out = client.step_batch([(slow, act("x")), (fast, act("("))])  # the same inside one batch
+    assert out[0].error is None and out[1].error is None
+
+
+def test_max_sessions_and_ttl(port):
+    with Server(port, max_sessions=2, ttl_s=0.5) as s, EnvClient(s.url, retries=0) as c:
+        a = c.create("numberline").session_id
+        c.create("numberline")
+        with pytest.raises(ServiceError) as e:
+            c.create("numberline")
+        assert e.value.status == 429 and e.value.error == "too_many_sessions"
+        time.sleep(0.7)
+        c.create("numberline")  # the idle ones expired to make room
+        with pytest.raises(ServiceError) as e:
+            c.step(a, act("+"))
+        assert e.value.status == 404
+
+
+def test_bearer_token_guards_mutating_routes(server, monkeypatch):
+    monkeypatch.setenv("GTR_API_TOKEN", "s3cret")
+    r = httpx.post(server.url + "/v1/sessions", json={"env_id": "numberline"})
+    assert r.status_code == 401
+    assert httpx.get(server.url + "/v1/envs").status_code == 200
+    with EnvClient(server.url, retries=0) as c:  # picks the token up from the environment
+        assert c.create("numberline").session_id
+
+
+def test_gymnasium_remote_env(server):
+    import gymnasium as gym
+
+    env = RemoteEnv("numberline", base_url=server.url, options={"max_position": 6})
+    assert isinstance(env, gym.Env)
+    obs, info = env.reset(seed=4)
+    first = (info["target"], info["current"])
+    assert obs["image"].shape == (300, 300, 3) and obs["image"].dtype == np.uint8
+    assert '"action"' in obs["instruction"]
+    sid = env.session_id
+    while True:
+        obs, reward, terminated, truncated, info = env.step(act(info["expert_action"]))
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and info["won"]
+    obs2, info2 = env.reset(seed=4)
+    assert env.session_id == sid and (info2["target"], info2["current"]) == first  # same session, same seed
+    env.close()
+    assert env.session_id is None
+
+
+def test_alfworld_over_http_or_a_clear_error(server, client):
+    from services.envs.alfworld_env import alfworld_status
+
+    ok, _ = alfworld_status()
+    if not ok:
+        r = httpx.post(server.url + "/v1/sessions", json={"env_id": "alfworld"})
+        assert r.status_code == 501 and "pip install 'gtr-turbo[alfworld]'" in r.json()["detail"]
+        return
+    r = client.create("alfworld", seed=0, options={"game": "heat_potato_diningtable"})
+    assert r.observation.image is None and r.observation.admissible_actions
+    assert r.info["task_type"] == "pick_heat_then_place_in_recep" and r.info["goal_condition_rate"] == 0.0
+    s = client.step(r.session_id, act("go to cabinet 99"))
+    assert s.observation.text == "Nothing happens." and s.reward == pytest.approx(-1.0)
+    s = client.step(r.session_id, act(r.info["expert_action"]))
+    assert s.info["action_valid"] and s.reward == pytest.approx(0.0)
+    r = httpx.post(server.url + "/v1/sessions", json={"env_id": "alfworld-thor"})
+    assert r.status_code == 501 and "ai2thor" in r.json()["detail"]
