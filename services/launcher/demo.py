@@ -1,0 +1,180 @@
+"""`gtr demo` (= `make demo`): the whole method, end to end, on a CPU in about 15 minutes.
+
+1. build the `small` offline model;
+2. start the env service; SFT-init the model from expert demonstrations (a light SFT, so that
+   RL has something left to learn) and fold it into a new base;
+3. evaluate that base ("before") on fixed seeds;
+4. start the teacher on the new base; train with GTR-Turbo-KL (PPO + reverse KL to the merged
+   teacher, the adapter pushed and merged after every update);
+5. evaluate the trained adapter ("after") on the same seeds;
+6. write RUN_DIR/summary.json, metrics, a PNG plot, sample trajectories; print a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The demo section of the config file (not a trainer key) and the trainer overrides."""
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    demo = raw.pop("demo", {}) or {}
+    if args.quick:
+        demo.update(demo.get("quick", {}))
+    demo.pop("quick", None)
+    if args.env_id:
+        demo["env_id"] = args.env_id
+    if args.updates:
+        demo["updates"] = args.updates
+    if args.eval_episodes:
+        demo["eval_episodes"] = args.eval_episodes
+    return {"trainer": raw, **demo}, list(args.set or [])
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from services.launcher.plot import plot_metrics
+    from services.launcher.procs import ProcessGroup, ServiceDied, gtr_argv
+    from services.trainer.config import TrainConfig
+    from services.trainer.evaluate import evaluate
+    from services.trainer.sft_init import SFTConfig, run_sft
+    from services.trainer.train import train
+    from shared.config import build_config
+    from shared.tiny_model import build_tiny_model
+
+    t_start = time.perf_counter()
+    settings, overrides = _demo_settings(args)
+    run_dir = Path(args.run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a demo run starts from scratch; the model build is cheap
+    run_dir.mkdir(parents=True)
+    env_id = settings["env_id"]
+    env_options = settings.get("env_options", {})
+    env_url = f"http://127.0.0.1:{args.env_port}"
+    teacher_url = f"http://127.0.0.1:{args.teacher_port}"
+    episodes = int(settings["eval_episodes"])
+    eval_seed = int(settings.get("eval_seed", 100_000))
+    eval_kw = dict(env_url=env_url, env_id=env_id, episodes=episodes, greedy=False,
+                   temperature=float(settings.get("eval_temperature", 1.0)),
+                   max_new_tokens=int(settings.get("max_new_tokens", 48)), seed=eval_seed,
+                   num_envs=int(settings.get("eval_num_envs", 16)), options=env_options, device="cpu")
+    timings: dict[str, float] = {}
+
+    def phase(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"[demo] {name}: {timings[name]:.0f}s", flush=True)
+
+    group = ProcessGroup(run_dir / "logs")
+    try:
+        t0 = time.perf_counter()
+        base = build_tiny_model(run_dir / "models" / "small", seed=int(settings.get("model_seed", 0)), size="small")
+        phase("build_model", t0)
+
+        group.start("envs", gtr_argv("env", "serve", "--port", str(args.env_port)), url=env_url)
+        group.wait_ready("envs", timeout=120)
+
+        t0 = time.perf_counter()
+        sft_cfg = build_config(SFTConfig, {
+            "model": {"path": str(base), "device": "cpu", "lora": settings.get("sft_lora", {"r": 16, "alpha": 32})},
+            "env": {"url": env_url, "env_id": env_id, "options": env_options},
+            "out": str(run_dir / "models" / "sft-base"), **settings.get("sft", {}),
+        }, source="demo sft")
+        sft = run_sft(sft_cfg)
+        sft_base = sft["out"]
+        phase("sft_init", t0)
+
+        t0 = time.perf_counter()
+        before = evaluate(sft_base, **eval_kw)
+        phase("eval_before", t0)
+        print(f"[demo] before RL: success {before['success_rate']:.3f} over {before['episodes']} episodes", flush=True)
+
+        group.start("teacher", gtr_argv("teacher", "serve", "--backend", "hf", "--model", sft_base,
+                                        "--store", str(run_dir / "teacher-store"), "--device", "cpu",
+                                        "--port", str(args.teacher_port)), url=teacher_url)
+        group.wait_ready("teacher", timeout=180)
+
+        t0 = time.perf_counter()
+        trainer = dict(settings["trainer"])
+        cfg = build_config(TrainConfig, trainer, [
+            f"model.path={sft_base}", f"env.url={env_url}", f"env.env_id={env_id}", f"teacher.url={teacher_url}",
+            f"run_dir={run_dir / 'train'}", "guidance.mode=kl", "trainer.port=0",
+            f"updates={int(settings['updates'])}", *overrides,
+        ], source=str(args.config))
+        if env_options:
+            cfg.env.options = env_options
+        summary = train(cfg)
+        phase("train", t0)
+
+        t0 = time.perf_counter()
+        adapter = Path(cfg.run_dir) / "checkpoint"
+        after = evaluate(sft_base, adapter=str(adapter) if adapter.exists() else None, **eval_kw)
+        phase("eval_after", t0)
+    except ServiceDied as e:
+        print(f"gtr demo: {e}", file=__import__("sys").stderr)
+        return 1
+    finally:
+        group.stop()
+
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    shutil.copy2(metrics, run_dir / "metrics.jsonl")
+    samples = Path(cfg.run_dir) / "samples"
+    if samples.exists():
+        shutil.copytree(samples, run_dir / "samples", dirs_exist_ok=True)
+    plot = plot_metrics(metrics, run_dir / "training.png",
+                        title=f"GTR-Turbo-KL on {env_id} (small model, CPU)",
+                        before=before["success_rate"], after=after["success_rate"])
+    out = {
+        "env_id": env_id,
+        "env_options": env_options,
+        "updates": cfg.updates,
+        "success_before": before["success_rate"],
+        "success_after": after["success_rate"],
+        "episodes_before": before["episodes"],
+        "episodes_after": after["episodes"],
+        "return_before": before.get("mean_return"),
+        "return_after": after.get("mean_return"),
+        "format_ok_before": before.get("format_ok_rate"),
+        "format_ok_after": after.get("format_ok_rate"),
+        "eval": {"seeds": [eval_seed, eval_seed + episodes - 1], "sampled_temperature": eval_kw["temperature"]},
+        "sft": {k: sft.get(k) for k in ("demonstrations", "episodes", "expert_success_rate", "losses")},
+        "final_teacher_version": summary.get("last", {}).get("teacher_version"),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds_by_phase": timings,
+        "plot": str(plot),
+        "metrics": str(run_dir / "metrics.jsonl"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    (run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+    (run_dir / "eval_after.json").write_text(json.dumps(after, indent=2))
+    print_table(out)
+    return 0
+
+
+def print_table(s: dict) -> None:
+    rows = [("", "before RL (SFT-init)", "after GTR-Turbo-KL"),
+            ("success rate", f"{s['success_before']:.3f}", f"{s['success_after']:.3f}"),
+            ("mean return", _f(s.get("return_before")), _f(s.get("return_after"))),
+            ("format-valid rate", _f(s.get("format_ok_before")), _f(s.get("format_ok_after"))),
+            ("episodes", str(s["episodes_before"]), str(s["episodes_after"]))]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = "+-" + "-+-".join("-" * x for x in w) + "-+"
+    print(f"\nGTR-Turbo demo: {s['env_id']}, {s['updates']} updates, {s['seconds']:.0f}s in all")
+    print(line)
+    for i, r in enumerate(rows):
+        print("| " + " | ".join(c.ljust(x) for c, x in zip(r, w, strict=True)) + " |")
+        if i == 0:
+            print(line)
+    print(line)
+    print(f"final teacher version: {s.get('final_teacher_version')}; plot: {s['plot']}\n", flush=True)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
