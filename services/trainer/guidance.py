@@ -133,6 +133,9 @@ def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -
     m: dict[str, Any] = {"teacher/unavailable": 0, "teacher/guided_frac": len(guided) / max(1, len(steps))}
     if not guided:
         m["kl_mean"] = 0.0
+        info = link.info()  # nothing to score: still say which teacher is current
+        m["teacher_version"] = info.version if info else None
+        m["teacher/unavailable"] = int(info is None)
         return m
     temperature = 1.0 if g.kl_temperature == "untempered" else cfg.generation.temperature
     items = [LogitsItem(messages=s.messages, completion_ids=s.tokens[:s.n_thought]) for s in guided]

@@ -38,13 +38,19 @@ class SFTConfig(StrictModel):
     env: EnvSettings = EnvSettings(num_envs=1)
     out: str = "runs/sft-model"
     """The new base model directory."""
-    episodes: int = Field(default=64, ge=1)
+    episodes: int = Field(default=30, ge=1)
     max_steps: int = Field(default=30, ge=1)
     """Per episode (the expert usually finishes sooner)."""
-    epochs: int = Field(default=3, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    batch_size: int = Field(default=8, ge=1)
+    epochs: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    """For the tiny CPU models; use ~2e-4 for a 7B model."""
+    batch_size: int = Field(default=16, ge=1)
     max_grad_norm: float = 1.0
+    train_also: list[str] | None = None
+    """Base parameters trained fully beside LoRA (substrings of their names), folded into the base
+    too. None = auto: the final norm and the (tied) embeddings for models under 100M parameters,
+    nothing for larger ones. A tiny random-init model needs them: its logits are bounded by the
+    frozen norm gain and embeddings, so LoRA alone cannot sharpen its output distribution."""
     seed: int = 0
     progress: bool = True
 
@@ -148,6 +154,13 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     pairs, stats = collect_demonstrations(cfg)
     log.info("sft: %d demonstrations from %d %s expert episodes", len(pairs), cfg.episodes, cfg.env.env_id)
     policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed)
+    train_also = cfg.train_also
+    if train_also is None:
+        n_params = sum(p.numel() for p in policy.model.parameters())
+        train_also = ["language_model.norm", "embed_tokens"] if n_params < 100_000_000 else []
+    for name, p in policy.model.named_parameters():
+        if "lora_" not in name and any(t in name for t in train_also):
+            p.requires_grad_(True)
     losses = train_on_pairs(policy, pairs, cfg)
     out = fold_into_base(policy, cfg.model.path, cfg.out)
     dump_config(cfg, out / "sft_config.yaml")

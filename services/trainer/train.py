@@ -119,6 +119,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         board.set_phase("ppo")
         bar.set_postfix_str("ppo")
         t0 = time.perf_counter()
+        lr_used = optimizer.param_groups[0]["lr"]
         batch, adv_m = build_batch(rollout, cfg)
         ppo_m = ppo_update(policy, optimizer, scheduler, batch, cfg, rng, sft_buffer, on_step=lambda: bar.update(1))
         seconds_ppo = time.perf_counter() - t0
@@ -144,7 +145,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         "kl_mean": guide.get("kl_mean"), "teacher_version": guide.get("teacher_version"),
         "guidance": cfg.guidance.mode, "seconds_rollout": seconds_rollout, "seconds_teacher": seconds_teacher,
         "seconds_ppo": seconds_ppo, "seconds_update": seconds_rollout + seconds_teacher + seconds_ppo,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr_used,
         **{k: v for k, v in guide.items() if k not in ("kl_mean", "teacher_version")}, **adv_m, **ppo_m, **push_m,
     }
     metrics["sps"] = len(steps) / max(1e-9, metrics["seconds_update"])
