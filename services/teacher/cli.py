@@ -28,7 +28,14 @@ def _settings(args: argparse.Namespace, cls):
         merge_method=args.merge_method, density=args.density, weighting=args.weighting, ema_alpha=args.ema_alpha,
         window=args.window, merge_every=args.merge_every, scale=args.scale, merge_device=args.merge_device,
         max_upload_mb=args.max_upload_mb, max_tokens=args.max_tokens, openai_base_url=args.openai_base_url,
-        openai_api_key_env=args.openai_api_key_env, host=args.host, port=args.port)
+        openai_api_key_env=args.openai_api_key_env, host=args.host, port=args.port,
+        vllm=_vllm_settings(args))
+
+
+def _vllm_settings(args: argparse.Namespace) -> dict:
+    from services.teacher.backends.vllm_cli import settings_from_args
+
+    return settings_from_args(args)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -68,6 +75,9 @@ def register(sub) -> None:
                    help="openai backend: the environment variable that holds the API key")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8200)
+    from services.teacher.backends.vllm_cli import add_arguments as add_vllm_arguments
+
+    add_vllm_arguments(s)
     s.set_defaults(func=_serve)
 
     q = tsub.add_parser("query", help="debug client: info, a thought for an image, per-token log-probs",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,6 +37,8 @@ class TeacherSettings(StrictModel):
     openai_api_key_env: str = "OPENAI_API_KEY"
     host: str = "127.0.0.1"
     port: int = 8200
+    vllm: dict[str, Any] = Field(default_factory=dict)
+    """vllm backend only: `VllmSettings` fields (gpu_memory_utilization, max_model_len, ...)."""
 
     @model_validator(mode="after")
     def _merge_ok(self):
@@ -51,4 +53,7 @@ class TeacherSettings(StrictModel):
     def backend_settings(self) -> dict:
         if self.backend == "openai":
             return {"model": self.model, "base_url": self.openai_base_url, "api_key_env": self.openai_api_key_env}
-        return {"model": self.model, "device": self.device, "dtype": self.dtype, "max_tokens": self.max_tokens}
+        out = {"model": self.model, "device": self.device, "dtype": self.dtype, "max_tokens": self.max_tokens}
+        if self.backend == "vllm":
+            out["vllm"] = dict(self.vllm)
+        return out

