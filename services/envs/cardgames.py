@@ -176,7 +176,7 @@ class CardFormulaEnv(TextActionEnv):
         return " ".join(self.formula) if self.formula else "(empty)"
 
     def _obs(self) -> Obs:
-        img = render.draw_formula(render.card_table(tuple(self.cards)), self.formula)
+        img = render.draw_formula(render.card_table(tuple(self.cards), self.target), self.formula)
         text = f"Current formula: {self._formula_text()}"
         if self.options.get("text_state"):
             text = f"Cards: {', '.join(card_name(r, s) for r, s in self.cards)}. " + text

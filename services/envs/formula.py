@@ -9,6 +9,7 @@ leading "-" is a syntax error, as in the card game (RL4VLM's `eval` accepted una
 from __future__ import annotations
 
 import itertools
+import math
 from fractions import Fraction
 from functools import lru_cache
 
@@ -85,7 +86,32 @@ def evaluate(tokens: list[str] | tuple[str, ...]) -> Fraction:
 
 
 # ------------------------------------------------------------------------------------ solver
+# Values are exact rationals as reduced (numerator, denominator) int pairs: ~5x faster than
+# `Fraction` here, which matters because every new hand is solved once (the expert's plan).
 # An expression is (value, tokens, precedence); precedence 3 for a bare number.
+
+_gcd = math.gcd
+
+
+def _q(n: int, d: int) -> tuple[int, int]:
+    if d < 0:
+        n, d = -n, -d
+    g = _gcd(n, d)
+    return (n // g, d // g) if g > 1 else (n, d)
+
+
+def _apply(op: str, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    an, ad = a
+    bn, bd = b
+    if op == "+":
+        return _q(an * bd + bn * ad, ad * bd)
+    if op == "-":
+        return _q(an * bd - bn * ad, ad * bd)
+    if op == "*":
+        return _q(an * bn, ad * bd)
+    if bn == 0:
+        return None
+    return _q(an * bd, ad * bn)
 
 
 def _wrap(tokens: tuple[str, ...]) -> tuple[str, ...]:
@@ -93,16 +119,16 @@ def _wrap(tokens: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _combine(op: str, left, right):
-    lv, lt, lp = left
-    rv, rt, rp = right
-    if op == "/" and rv == 0:
+    value = _apply(op, left[0], right[0])
+    if value is None:
         return None
+    _, lt, lp = left
+    _, rt, rp = right
     p = PRECEDENCE[op]
     # Minimal parentheses: a looser left child, a looser right child, or an equally tight right
     # child under a non-associative operator (a - (b + c), a / (b * c)).
     lt = _wrap(lt) if lp < p else lt
     rt = _wrap(rt) if rp < p or (rp == p and op in "-/") else rt
-    value = {"+": lambda: lv + rv, "-": lambda: lv - rv, "*": lambda: lv * rv, "/": lambda: lv / rv}[op]()
     return value, (*lt, op, *rt), p
 
 
@@ -114,27 +140,31 @@ def _splits(mask: int):
         sub = (sub - 1) & mask
 
 
-def _needed(op: str, left: Fraction, target: Fraction) -> Fraction | None:
+def _needed(op: str, left: tuple[int, int], target: tuple[int, int]) -> tuple[int, int] | None:
     """The right operand r with `left op r == target`, or None when there is none."""
     if op == "+":
-        return target - left
+        return _apply("-", target, left)
     if op == "-":
-        return left - target
+        return _apply("-", left, target)
     if op == "*":
-        return target / left if left != 0 else None
+        return _apply("/", target, left) if left[0] != 0 else None
     # left / r == target
-    return left / target if target != 0 and left != 0 else None
+    return _apply("/", left, target) if target[0] != 0 and left[0] != 0 else None
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=8192)
 def solutions(numbers: tuple[int, ...], target: int, ops: tuple[str, ...] = OPERATORS) -> tuple[tuple[str, ...], ...]:
     """Every distinct formula (minimal parentheses) using each number once that equals `target`,
-    shortest first. Cached per sorted hand, so the order of cards does not matter."""
+    shortest first. Cached per hand (sorted, so the order of the cards does not matter)."""
     nums = tuple(sorted(numbers))
+    if nums != tuple(numbers):
+        return solutions(nums, target, ops)
     n = len(nums)
+    if n == 1:
+        return ((str(nums[0]),),) if nums[0] == target else ()
     table: dict[int, list] = {}
     for i, x in enumerate(nums):
-        table[1 << i] = [(Fraction(x), (str(x),), 3)]
+        table[1 << i] = [((x, 1), (str(x),), 3)]
     full_mask = (1 << n) - 1
     for size in range(2, n):
         for combo in itertools.combinations(range(n), size):
@@ -149,28 +179,24 @@ def solutions(numbers: tuple[int, ...], target: int, ops: tuple[str, ...] = OPER
                                 seen.add(e[1])
                                 out.append(e)
             table[mask] = out
-    if n == 1:
-        return ((str(nums[0]),),) if nums[0] == target else ()
     # Top level: only pairs that hit the target, found by looking up the value the right side
     # needs (10x faster than building every full expression).
-    target_f = Fraction(target)
+    goal = (target, 1)
     found = set()
     for sub, rest in _splits(full_mask):
-        by_value: dict[Fraction, list] = {}
+        by_value: dict[tuple[int, int], list] = {}
         for right in table[rest]:
             by_value.setdefault(right[0], []).append(right)
         for left in table[sub]:
-            lv = left[0]
             for op in ops:
-                need = _needed(op, lv, target_f)
+                need = _needed(op, left[0], goal)
                 if need is None:
                     continue
                 for right in by_value.get(need, ()):
                     e = _combine(op, left, right)
-                    if e is not None and e[0] == target_f:
+                    if e is not None and e[0] == goal:
                         found.add(e[1])
-    found = sorted(found, key=lambda t: (len(t), t))
-    return tuple(found)
+    return tuple(sorted(found, key=lambda t: (len(t), t)))
 
 
 def solve(numbers, target: int, ops: tuple[str, ...] = OPERATORS) -> tuple[str, ...] | None:

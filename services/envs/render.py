@@ -68,14 +68,53 @@ def card_face(rank: int, suit: str, width: int, height: int) -> Image.Image:
     return img
 
 
-def card_table(cards: tuple[tuple[int, str], ...]) -> Image.Image:
-    """The felt with the cards side by side (the static part of a card-game image), palette mode."""
-    return _card_table_p(tuple(cards)).copy()
+def card_table(cards: tuple[tuple[int, str], ...], target: int | None = None) -> Image.Image:
+    """The felt with the cards side by side and the formula heading (the static part of a
+    card-game image), in palette mode, ready for `draw_formula`."""
+    return _card_table_p(tuple(cards), target).copy()
+
+
+@lru_cache(maxsize=4)
+def _palette() -> Image.Image:
+    """One fixed 64-colour palette for every card image, taken from a sample of all suits on the
+    felt, so that card faces are quantised once each and a hand is only pasted together."""
+    sample = Image.new("RGB", (4 * 70, 2 * 98), FELT)
+    for i, suit in enumerate(SUITS_ORDER):
+        sample.paste(card_face(10, suit, 67, 93), (i * 70, 0))
+        sample.paste(card_face(12, suit, 40, 56), (i * 70, 98))
+    d = ImageDraw.Draw(sample)
+    d.text((2, 160), "Formula 0123456789", fill=(255, 255, 255), font=font(14, bold=False))
+    return sample.quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+
+
+SUITS_ORDER = ("H", "D", "S", "C")
+
+
+@lru_cache(maxsize=512)
+def _card_face_p(rank: int, suit: str, width: int, height: int) -> Image.Image:
+    return card_face(rank, suit, width, height).quantize(palette=_palette(), dither=Image.Dither.NONE)
+
+
+@lru_cache(maxsize=8)
+def _felt_p(n: int, target: int | None) -> Image.Image:
+    img = Image.new("RGB", (SIZE, SIZE), FELT)
+    d = ImageDraw.Draw(img)
+    head = "Formula:" if target is None else f"Formula (target {target}):"
+    d.text((10, int(SIZE * 0.76)), head, fill=(255, 255, 255), font=font(14, bold=False))
+    return img.quantize(palette=_palette(), dither=Image.Dither.NONE)
 
 
 @lru_cache(maxsize=1024)
-def _card_table_p(cards: tuple[tuple[int, str], ...]) -> Image.Image:
-    return _quantize(_card_table(cards))
+def _card_table_p(cards: tuple[tuple[int, str], ...], target: int | None) -> Image.Image:
+    img = _felt_p(len(cards), target).copy()
+    n = len(cards)
+    width = min(int(SIZE / n * 0.9), 110)
+    height = int(width * 7 / 5)
+    gap = (SIZE - n * width) / (n + 1)
+    top = int(SIZE * 0.42 - height / 2)
+    for i, (rank, suit) in enumerate(cards):
+        img.paste(_card_face_p(rank, suit, width, height), (int(gap + i * (width + gap)), top))
+    return img
 
 
 def _quantize(img: Image.Image) -> Image.Image:
@@ -83,34 +122,28 @@ def _quantize(img: Image.Image) -> Image.Image:
     return img.quantize(colors=64, method=Image.Quantize.FASTOCTREE)
 
 
-def _card_table(cards: tuple[tuple[int, str], ...]) -> Image.Image:
-    img = Image.new("RGB", (SIZE, SIZE), FELT)
-    n = len(cards)
-    width = min(int(SIZE / n * 0.9), 110)
-    height = int(width * 7 / 5)
-    gap = (SIZE - n * width) / (n + 1)
-    top = int(SIZE * 0.42 - height / 2)
-    for i, (rank, suit) in enumerate(cards):
-        img.paste(card_face(rank, suit, width, height), (int(gap + i * (width + gap)), top))
-    return img
-
-
-def draw_formula(img: Image.Image, tokens: list[str], target: int | None = None) -> Image.Image:
+def draw_formula(img: Image.Image, tokens: list[str]) -> Image.Image:
     """Write the formula under the cards, tokens separated by spaces so that "2" "4" never reads 24."""
+    if not tokens:
+        return img
     d = ImageDraw.Draw(img)
     f = font(18)
-    head = "Formula:" if target is None else f"Formula (target {target}):"
-    d.text((10, int(SIZE * 0.76)), head, fill=(255, 255, 255), font=font(14, bold=False))
-    text = " ".join(tokens) if tokens else ""
+    text = " ".join(tokens)
     # Long formulas wrap onto a second line instead of running off the image.
     line1, line2 = text, ""
     if f.getlength(text) > SIZE - 20:
         cut = len(tokens) // 2
         line1, line2 = " ".join(tokens[:cut]), " ".join(tokens[cut:])
-    d.text((10, int(SIZE * 0.83)), line1, fill=(255, 255, 255), font=f)
+    d.text((10, int(SIZE * 0.83)), line1, fill=WHITE_INDEX, font=f)
     if line2:
-        d.text((10, int(SIZE * 0.91)), line2, fill=(255, 255, 255), font=f)
+        d.text((10, int(SIZE * 0.91)), line2, fill=WHITE_INDEX, font=f)
     return img
+
+
+def _white_index() -> int:
+    pal = _palette().getpalette()[: 64 * 3]
+    colors = [tuple(pal[i: i + 3]) for i in range(0, len(pal), 3)]
+    return max(range(len(colors)), key=lambda i: sum(colors[i]))
 
 
 def _number_line_base(max_position: int) -> Image.Image:
@@ -148,6 +181,9 @@ def _number_line(target: int, current: int, max_position: int) -> Image.Image:
     d.polygon([(xt - 10, y - 34), (xt + 10, y - 34), (xt, y - 14)], fill=(200, 20, 30))
     d.ellipse((xc - 9, y - 9, xc + 9, y + 9), fill=(20, 60, 200))
     return _quantize(img)
+
+
+WHITE_INDEX = _white_index()
 
 
 def to_png_b64(img: Image.Image) -> str:
