@@ -15,8 +15,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_services(model_dir: str | Path, store_dir: str | Path, teacher: bool = True):
-    """Yields (env_url, teacher_url or None) while both services run."""
+def running_services(model_dir: str | Path | None, store_dir: str | Path | None, teacher: bool = True,
+                     env: bool = True):
+    """Yields (env_url or None, teacher_url or None) while the services run."""
     from services.envs.app import create_app as create_env_app
     from services.teacher.app import create_app as create_teacher_app
     from services.teacher.settings import TeacherSettings
@@ -25,10 +26,12 @@ def running_services(model_dir: str | Path, store_dir: str | Path, teacher: bool
 
     servers = []
     try:
-        env_port = free_port()
-        servers.append(ServerThread(create_env_app(), "127.0.0.1", env_port).start())
-        env_url = f"http://127.0.0.1:{env_port}"
-        ServiceClient(env_url, service="env").wait_ready(timeout=60)
+        env_url = None
+        if env:
+            env_port = free_port()
+            servers.append(ServerThread(create_env_app(), "127.0.0.1", env_port).start())
+            env_url = f"http://127.0.0.1:{env_port}"
+            ServiceClient(env_url, service="env").wait_ready(timeout=60)
         teacher_url = None
         if teacher:
             t_port = free_port()
