@@ -19,15 +19,17 @@ from shared.server import ApiError, install_error_handlers, metrics_response, re
 log = logging.getLogger(__name__)
 
 
+def get_board(request: Request) -> StatusBoard:
+    return request.app.state.board
+
+
+Board = Annotated[StatusBoard, Depends(get_board)]
+
+
 def create_app(board: StatusBoard, checkpoint_timeout_s: float = 600.0) -> FastAPI:
     app = FastAPI(title="GTR-Turbo trainer", version="1")
     app.state.board = board
     install_error_handlers(app)
-
-    def get_board(request: Request) -> StatusBoard:
-        return request.app.state.board
-
-    Board = Annotated[StatusBoard, Depends(get_board)]
 
     @app.get("/healthz", response_model=Health)
     def healthz():
