@@ -61,9 +61,11 @@ class EnvClient:
     def step(self, session_id: str, action: str) -> StepResponse:
         return self.http.post(f"/v1/sessions/{session_id}/step", StepRequest(action=action), model=StepResponse, retries=0)
 
-    def step_batch(self, steps: list[tuple[str, str]]) -> list[BatchStepResult]:
-        """One result per (session_id, action), in order; a failed step has `.error` set."""
-        data = self.http.post("/v1/step", {"steps": [{"session_id": s, "action": a} for s, a in steps]}, retries=0)
+    def step_batch(self, steps: list[tuple[str, str]], auto_reset: bool = False) -> list[BatchStepResult]:
+        """One result per (session_id, action), in order; a failed step has `.error` set. With
+        `auto_reset`, a finished episode restarts in the same call (its start in `.reset`)."""
+        body = {"steps": [{"session_id": s, "action": a} for s, a in steps], "auto_reset": auto_reset}
+        data = self.http.post("/v1/step", body, retries=0)
         return [BatchStepResult.model_validate(d) for d in data]
 
     def delete(self, session_id: str) -> None:

@@ -97,6 +97,9 @@ class BatchStepItem(Request):
 
 class BatchStepRequest(Request):
     steps: list[BatchStepItem] = Field(min_length=1)
+    auto_reset: bool = False
+    """Reset a session whose episode ended in the same call (no seed: its generator goes on); the
+    new episode's first observation comes back in the result's `reset`."""
 
 
 class BatchStepResult(Response):
@@ -110,6 +113,8 @@ class BatchStepResult(Response):
     truncated: bool = False
     info: dict[str, Any] = Field(default_factory=dict)
     error: ErrorResponse | None = None
+    reset: ResetResponse | None = None
+    """With `auto_reset`, when this step ended the episode: the next episode's start."""
 
 
 # ------------------------------------------------------------------------ teacher service (§3.2)

@@ -168,8 +168,9 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
     @app.post("/v1/step", response_model=list[BatchStepResult], dependencies=Auth)
     async def step_batch(body: BatchStepRequest, manager: Sessions):
         """Step many sessions at once: `{"steps": [{"session_id": "...", "action": "..."}, ...]}`. One result per
-        step, in order; a step that fails carries `error` and the others still run."""
-        results = await manager.step_batch([(s.session_id, s.action) for s in body.steps])
+        step, in order; a step that fails carries `error` and the others still run. With `"auto_reset": true` a
+        session whose episode ended is reset in the same call and its new start comes back under `reset`."""
+        results = await manager.step_batch([(s.session_id, s.action) for s in body.steps], body.auto_reset)
         out: list[dict[str, Any]] = []
         for item, res in zip(body.steps, results, strict=True):
             if isinstance(res, Exception):
@@ -177,7 +178,7 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
                 out.append({"session_id": item.session_id, "observation": None, "reward": 0.0, "terminated": False,
                             "truncated": False, "info": {}, "error": error_body(err.status_code, err.detail, err.error)})
             else:
-                out.append({"session_id": item.session_id, **res, "error": None})
+                out.append({"session_id": item.session_id, **res, "error": None})  # "reset" when auto-reset
         # Built as plain dicts and sent as is: re-validating 32 observations with base64 images
         # through the response model would cost more than the steps (the schema is still documented).
         return JSONResponse(out)

@@ -9,6 +9,7 @@ only, so one seed gives one episode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,6 +35,10 @@ class Obs:
     instruction: str
     image: Image.Image | None = None
     admissible_actions: list[str] | None = None
+    image_key: Hashable | None = None
+    """Identifies the image's content (same key, same pixels), so its PNG can be reused."""
+    png: Callable[[], str] | None = None
+    """A faster encoder of `image` to base64 PNG, where the env has one."""
 
 
 @dataclass

@@ -180,7 +180,9 @@ class CardFormulaEnv(TextActionEnv):
         text = f"Current formula: {self._formula_text()}"
         if self.options.get("text_state"):
             text = f"Cards: {', '.join(card_name(r, s) for r, s in self.cards)}. " + text
-        return Obs(text=text, instruction=self.instruction(), image=img)
+        table = (tuple(self.cards), self.target)
+        return Obs(text=text, instruction=self.instruction(), image=img, image_key=(*table, tuple(self.formula)),
+                   png=lambda: render.split_png_b64(img, table))
 
     def instruction(self) -> str:
         raise NotImplementedError

@@ -92,4 +92,5 @@ class NumberLineEnv(TextActionEnv):
     def _obs(self) -> Obs:
         img = render.number_line(self.goal, self.position, self.options["max_position"])
         text = f"Target: {self.goal}. Current: {self.position}." if self.options["text_state"] else ""
-        return Obs(text=text, instruction=self.instruction(), image=img)
+        key = (self.env_id, self.goal, self.position, self.options["max_position"])
+        return Obs(text=text, instruction=self.instruction(), image=img, image_key=key)

@@ -13,9 +13,14 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import struct
+import threading
+import zlib
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 300
@@ -190,3 +195,57 @@ def to_png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=3)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ------------------------------------------------------------------ fast PNG for card-game frames
+# A card-game frame is a fixed top (felt, cards, heading) over a formula strip that changes each
+# step. We write the PNG ourselves: the top rows are deflated once per hand and the compressor's
+# state is kept; a frame then only deflates its strip from a copy of that state. Same bytes as a
+# valid PNG decoder expects (palette colour type, filter 0 on every row), ~5x cheaper than PIL's
+# encoder on the whole frame.
+
+STRIP_TOP = 240
+"""First row that `draw_formula` may touch (the formula starts at 0.83 x 300 = 249)."""
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _rows(img: Image.Image, top: int, bottom: int) -> bytes:
+    """Scanlines top..bottom of a palette image, each prefixed by filter type 0."""
+    arr = np.frombuffer(img.crop((0, top, img.width, bottom)).tobytes(), dtype=np.uint8).reshape(bottom - top, img.width)
+    out = np.zeros((arr.shape[0], arr.shape[1] + 1), dtype=np.uint8)
+    out[:, 1:] = arr
+    return out.tobytes()
+
+
+_PREFIXES: OrderedDict = OrderedDict()
+_PREFIX_LOCK = threading.Lock()
+
+
+def _split_prefix(key, img: Image.Image, strip_top: int):
+    with _PREFIX_LOCK:
+        found = _PREFIXES.get(key)
+    if found is not None:
+        return found
+    head = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", img.width, img.height, 8, 3, 0, 0, 0))
+            + _chunk(b"PLTE", bytes(img.getpalette() or [])))
+    comp = zlib.compressobj(3)
+    # A sync flush emits everything of the top now, so a frame's flush only deflates its strip.
+    pre = comp.compress(_rows(img, 0, strip_top)) + comp.flush(zlib.Z_SYNC_FLUSH)
+    with _PREFIX_LOCK:
+        _PREFIXES[key] = (head, pre, comp)
+        if len(_PREFIXES) > 1024:
+            _PREFIXES.popitem(last=False)
+    return head, pre, comp
+
+
+def split_png_b64(img: Image.Image, key, strip_top: int = STRIP_TOP) -> str:
+    """Base64 PNG of a palette image whose rows above `strip_top` (and palette) are the same for
+    every image with this `key`."""
+    head, pre, comp = _split_prefix((key, strip_top), img, strip_top)
+    c = comp.copy()
+    idat = pre + c.compress(_rows(img, strip_top, img.height)) + c.flush()
+    png = head + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return base64.b64encode(png).decode("ascii")

@@ -13,6 +13,8 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,9 +50,44 @@ class Session:
     steps: int = 0
 
 
+class PngCache:
+    """Encoded images by content key. Encoding is most of a card-game step's cost, and images
+    repeat: a penalised action leaves the picture as it was, every hand starts from the same few
+    frames. Bounded (FIFO); thread-safe."""
+
+    def __init__(self, max_items: int = 4096):
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def encode(self, obs: Obs) -> str | None:
+        if obs.image is None:
+            return None
+        key = obs.image_key
+        encode = obs.png or (lambda: to_png_b64(obs.image))
+        if key is None:
+            return encode()
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self.hits += 1
+                return found
+        data = encode()
+        with self._lock:
+            self.misses += 1
+            self._items[key] = data
+            if len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return data
+
+
+PNG_CACHE = PngCache()
+
+
 def observation_dict(obs: Obs) -> dict[str, Any]:
-    return {"image": to_png_b64(obs.image) if obs.image is not None else None, "text": obs.text,
-            "instruction": obs.instruction, "admissible_actions": obs.admissible_actions}
+    return {"image": PNG_CACHE.encode(obs), "text": obs.text, "instruction": obs.instruction,
+            "admissible_actions": obs.admissible_actions}
 
 
 def step_dict(result: StepResult) -> dict[str, Any]:
@@ -170,7 +207,7 @@ class SessionManager:
             obs, info = self._guarded(session, lambda: session.env.reset(seed=seed, options=options))
         return observation_dict(obs), info
 
-    def step(self, session_id: str, action: str) -> dict[str, Any]:
+    def step(self, session_id: str, action: str, auto_reset: bool = False) -> dict[str, Any]:
         session = self.get(session_id)
         with session.lock:
             if session.failed:
@@ -180,20 +217,24 @@ class SessionManager:
             result = self._guarded(session, lambda: session.env.step(action))
             out = step_dict(result)
             session.steps += 1
+            if auto_reset and (result.terminated or result.truncated):
+                obs, info = self._guarded(session, lambda: session.env.reset())
+                out["reset"] = {"observation": observation_dict(obs), "info": info}
         self._on_step(session.env_id, time.perf_counter() - t0)
         return out
 
-    def step_group(self, items: list[tuple[int, str, str]]) -> list[tuple[int, dict[str, Any] | Exception]]:
+    def step_group(self, items: list[tuple[int, str, str]], auto_reset: bool = False
+                   ) -> list[tuple[int, dict[str, Any] | Exception]]:
         """Steps run in order in one worker; each item's failure is returned, not raised."""
         out: list[tuple[int, dict[str, Any] | Exception]] = []
         for idx, sid, action in items:
             try:
-                out.append((idx, self.step(sid, action)))
+                out.append((idx, self.step(sid, action, auto_reset)))
             except Exception as e:  # noqa: BLE001 - reported per item (the session is already marked)
                 out.append((idx, e))
         return out
 
-    async def step_batch(self, steps: list[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
+    async def step_batch(self, steps: list[tuple[str, str]], auto_reset: bool = False) -> list[dict[str, Any] | Exception]:
         """Run a batch: steps of one session stay in order; cheap envs share a few workers, slow
         ones (ALFWorld) get a worker each so that one slow step does not hold the others back."""
         by_session: dict[str, list[tuple[int, str, str]]] = {}
@@ -207,7 +248,8 @@ class SessionManager:
         chunks: list[list[tuple[int, str, str]]] = [[] for _ in range(n_chunks)]
         for i, items in enumerate(fast):
             chunks[i % n_chunks].extend(items)
-        jobs = [self.run(self.step_group, c) for c in chunks if c] + [self.run(self.step_group, g) for g in slow]
+        jobs = ([self.run(self.step_group, c, auto_reset) for c in chunks if c]
+                + [self.run(self.step_group, g, auto_reset) for g in slow])
         results: list[dict[str, Any] | Exception] = [None] * len(steps)  # type: ignore[list-item]
         for group in await asyncio.gather(*jobs):
             for idx, res in group:
