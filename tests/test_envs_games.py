@@ -312,3 +312,17 @@ def test_every_game_is_deterministic_per_seed():
             return trace
 
         assert run() == run(), env_id
+
+
+def test_fast_png_encoder_gives_the_rendered_pixels():
+    from shared.codecs import b64_to_image
+    from services.envs.render import to_png_b64
+
+    env = p24(["8H", "3S", "8D", "3C"])
+    frames = [env.reset(options={"cards": ["8H", "3S", "8D", "3C"]})[0]]
+    for t in "8 / ( 3 - 8 / 3 ) * ( ( ( ( ( ( ( (".split():
+        frames.append(env.step(act(t)).observation)
+    for obs in frames:
+        fast = np.asarray(b64_to_image(obs.png()))
+        assert (fast == np.asarray(obs.image.convert("RGB"))).all()
+        assert (fast == np.asarray(b64_to_image(to_png_b64(obs.image)))).all()

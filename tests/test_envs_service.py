@@ -285,3 +285,13 @@ def test_alfworld_over_http_or_a_clear_error(server, client):
     assert s.info["action_valid"] and s.reward == pytest.approx(0.0)
     r = httpx.post(server.url + "/v1/sessions", json={"env_id": "alfworld-thor"})
     assert r.status_code == 501 and "ai2thor" in r.json()["detail"]
+
+
+def test_batched_auto_reset_restarts_finished_episodes(client):
+    a = client.create("points24", seed=1).session_id
+    b = client.create("points24", seed=2).session_id
+    out = client.step_batch([(a, act("=")), (b, act("("))], auto_reset=True)
+    assert out[0].terminated and out[0].reset is not None and out[0].reset.info["formula"] == ""
+    assert out[0].reset.observation.image and out[1].reset is None
+    out = client.step_batch([(a, act("(")), (b, act("("))])  # the new episode goes on, no 409
+    assert out[0].error is None and out[0].info["formula"] == "(" and out[1].info["formula"] == "( ("
