@@ -49,6 +49,16 @@ class LoraFactor:
         out, inp = int(self.B.shape[0]), int(self.A.shape[1])
         return (inp, out) if self.embedding else (out, inp)
 
+    def delta_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the delta into `out` (fp32, preallocated): no temporary of the module's size."""
+        A = self.A.to(device=out.device, dtype=out.dtype)
+        B = self.B.to(device=out.device, dtype=out.dtype)
+        if self.embedding:
+            torch.matmul(A.T, B.T, out=out)  # (B @ A).T
+        else:
+            torch.matmul(B, A, out=out)
+        return out.mul_(self.scaling)
+
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         A = self.A.to(device=device, dtype=dtype)
         B = self.B.to(device=device, dtype=dtype)

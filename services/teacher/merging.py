@@ -81,14 +81,24 @@ class ModuleStats:
 def trim_(flat_K_N: torch.Tensor, density: float) -> torch.Tensor:
     """In place: keep each row's top-`density` fraction by magnitude (k = int(density * N),
     as peft's `magnitude_based_pruning`), zero the rest."""
+    import numpy as np
+    import torch.nn.functional as F
+
     n = flat_K_N.shape[1]
     k = int(density * n)
     if k >= n:
         return flat_K_N
     if k <= 0:
         return flat_K_N.zero_()
-    mag = flat_K_N.abs()
-    return flat_K_N.mul_(mag >= kth_largest(mag, k))
+    thr = kth_largest(flat_K_N.abs(), k)
+    for i, row in enumerate(flat_K_N):
+        # keep |x| >= thr, i.e. |x| > the next float below thr: hardshrink is one fused pass
+        # (boolean masks cost several times more on CPU).
+        t = thr[i].item()
+        lambd = max(float(np.nextafter(np.float32(t), np.float32(0))), 0.0) if row.dtype == torch.float32 \
+            else max(float(np.nextafter(t, 0.0)), 0.0)
+        row.copy_(F.hardshrink(row, lambd))
+    return flat_K_N
 
 
 def kth_largest(mag_K_N: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,44 +118,55 @@ def kth_largest(mag_K_N: torch.Tensor, k: int) -> torch.Tensor:
 
 def ties_merge(deltas_K: torch.Tensor, weights_K: torch.Tensor, density: float, scale: float = 1.0,
                stats: bool = True) -> tuple[torch.Tensor, ModuleStats]:
-    """TIES-merge K deltas of one module. deltas_K [K, ...] (consumed: trimmed in place)."""
+    """TIES-merge K deltas of one module. deltas_K [K, ...] (consumed: trimmed in place).
+
+    Written for few passes over the K x N stack: the weighted sums over checkpoints are
+    matrix-vector products (w @ stack), never K x N temporaries.
+    """
     K = deltas_K.shape[0]
     shape = deltas_K.shape[1:]
     flat = deltas_K.reshape(K, -1)
     st = ModuleStats(entries=flat.shape[1])
     if stats:
-        st.ckpt_sq = [float(x) for x in flat.double().pow(2).sum(1)]
+        st.ckpt_sq = [float(x) ** 2 for x in torch.linalg.vector_norm(flat, dim=1)]
     trimmed = trim_(flat, density)
-    w = weights_K.to(device=flat.device, dtype=flat.dtype).reshape(K, 1)
-    weighted = trimmed * w
-    elected = weighted.sum(0).sign()  # 0 where the weighted mass cancels exactly: nothing elected
-    agree = (trimmed.sign() == elected) & (elected != 0)
-    num = (weighted * agree).sum(0)
-    den = (w * agree).sum(0)
+    w = weights_K.to(device=flat.device, dtype=flat.dtype)
+    mass = w @ trimmed  # sum_i w_i trimmed_i
+    elected = mass.sign()  # 0 where the weighted mass cancels exactly: nothing elected
+    if stats:
+        voted = trimmed.abs().amax(0) > 0
+    # Float arithmetic only (boolean K x N masks are slow on CPU): side_i = trimmed_i * elected
+    # is > 0 where checkpoint i agrees with the elected sign, < 0 where it disagrees.
+    side = trimmed.mul_(elected)
+    if stats:
+        # Both signs among the kept values: one against the elected sign, or an exact cancel.
+        conflict = (side.amin(0) < 0) | (voted & (elected == 0))
+        st.voted, st.conflicts = int(voted.sum()), int(conflict.sum())
+    agree = side.sign().clamp_(min=0)  # 1 where it agrees, else 0
+    den = w @ agree  # sum_i w_i [agrees]
+    del agree
+    num = (w @ side.clamp_(min=0)).mul_(elected)  # sum_i w_i trimmed_i [agrees]
     merged = torch.where(den > 0, num / den.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(num))
     merged = merged.mul_(scale).reshape(shape)
     if stats:
-        pos, neg = (trimmed > 0).any(0), (trimmed < 0).any(0)
-        st.voted = int((pos | neg).sum())
-        st.conflicts = int((pos & neg).sum())
-        st.kept = int((merged != 0).sum())
-        st.merged_sq = float(merged.double().pow(2).sum())
+        st.kept = int(torch.count_nonzero(merged))
+        st.merged_sq = float(torch.linalg.vector_norm(merged)) ** 2
     return merged, st
 
 
 def linear_merge(deltas_K: torch.Tensor, weights_K: torch.Tensor, scale: float = 1.0,
                  stats: bool = True) -> tuple[torch.Tensor, ModuleStats]:
     K = deltas_K.shape[0]
-    w = weights_K.to(device=deltas_K.device, dtype=deltas_K.dtype).reshape((K,) + (1,) * (deltas_K.dim() - 1))
-    merged = (deltas_K * w).sum(0).mul_(scale)
+    flat = deltas_K.reshape(K, -1)
+    w = weights_K.to(device=flat.device, dtype=flat.dtype)
+    merged = (w @ flat).mul_(scale).reshape(deltas_K.shape[1:])
     st = ModuleStats(entries=merged.numel())
     if stats:
-        flat = deltas_K.reshape(K, -1)
-        st.ckpt_sq = [float(x) for x in flat.double().pow(2).sum(1)]
+        st.ckpt_sq = [float(x) ** 2 for x in torch.linalg.vector_norm(flat, dim=1)]
         pos, neg = (flat > 0).any(0), (flat < 0).any(0)
         st.voted, st.conflicts = int((pos | neg).sum()), int((pos & neg).sum())
-        st.kept = int((merged != 0).sum())
-        st.merged_sq = float(merged.double().pow(2).sum())
+        st.kept = int(torch.count_nonzero(merged))
+        st.merged_sq = float(torch.linalg.vector_norm(merged)) ** 2
     return merged, st
 
 
@@ -179,7 +200,7 @@ def merge_adapters(adapters: Sequence[Adapter], weights: torch.Tensor, method: s
         deltas = torch.zeros((len(adapters),) + shape, dtype=torch.float32, device=device)
         for i, f in enumerate(present):
             if f is not None:
-                deltas[i] = f.delta(torch.float32, device)
+                f.delta_into(deltas[i])
         if method == "ties":
             merged, st = ties_merge(deltas, weights, density, scale)
         else:
