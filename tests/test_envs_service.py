@@ -41,7 +41,7 @@ class SlowEnv(ExplodingEnv):
     fast = False
 
     def _act(self, parsed):
-        time.sleep(1.5)
+        time.sleep(2.0)
         return super()._act(parsed)
 
 
@@ -219,7 +219,7 @@ def test_a_slow_step_does_not_block_other_sessions(client):
         client.step(fast, act("("))
     fast_done = time.monotonic()
     t.join()
-    assert fast_done - t0 < 1.2 < done["slow"] - t0  # ten fast steps finished while the slow one ran
+    assert fast_done - t0 < 1.8 < done["slow"] - t0  # ten fast steps finished while the slow one ran
     out = client.step_batch([(slow, act("x")), (fast, act("("))])  # the same inside one batch
     assert out[0].error is None and out[1].error is None
 

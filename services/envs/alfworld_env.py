@@ -249,6 +249,8 @@ class AlfWorldEnv(TextActionEnv):
             self._env.load(str(gamefile))
         problem = json.loads(gamefile.read_text())["pddl_problem"]
         self.goal = GoalConditions(problem)
+        traj = gamefile.parent / "traj_data.json"
+        self.task_type = json.loads(traj.read_text()).get("task_type") if traj.exists() else None
         self._gamefile = gamefile
 
     def _update(self, state) -> None:
@@ -272,7 +274,8 @@ class AlfWorldEnv(TextActionEnv):
         _THREAD_RANDOM.use(self.expert_rng)
         if gamefile != self._gamefile:
             self._load(gamefile)
-        state = self._env.reset()
+        with _LOAD_LOCK:  # a reset translates the PDDL problem again
+            state = self._env.reset()
         self.steps = 0
         text = _BANNER.sub("", state["feedback"]).strip()
         m = re.search(r"Your task is to: (.*?)\.?\s*$", text, re.S)
@@ -312,8 +315,7 @@ class AlfWorldEnv(TextActionEnv):
 
     def _info(self, parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, event: str = "") -> dict:
         expert_action, expert_thoughts = self.expert()
-        traj = json.loads((self._gamefile.parent / "traj_data.json").read_text()) if self._gamefile else {}
-        return base_info(parsed, action, valid, won, task=self.task, task_type=traj.get("task_type"),
+        return base_info(parsed, action, valid, won, task=self.task, task_type=self.task_type,
                          goal_condition_rate=self.gc_rate, game=self._gamefile.parent.name, split=self.split,
                          steps=self.steps, event=event, admissible_actions=list(self.admissible),
                          expert_action=expert_action, expert_thoughts=expert_thoughts)

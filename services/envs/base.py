@@ -90,8 +90,9 @@ class TextActionEnv:
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
         if seed is not None:
             self.np_random, _ = seeding.np_random(int(seed))
+        out = self._reset(options or {})
         self.done = False
-        return self._reset(options or {})
+        return out
 
     def step(self, output_text: str) -> StepResult:
         if self.done:

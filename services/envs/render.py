@@ -42,12 +42,21 @@ def _font_path(bold: bool) -> str | None:
     return None
 
 
-@lru_cache(maxsize=64)
+_FONTS = threading.local()
+
+
 def font(size: int, bold: bool = True) -> ImageFont.ImageFont:
-    path = _font_path(bold)
-    if path is None:  # Pillow's bundled font has no suit glyphs, but ranks stay readable
-        return ImageFont.load_default(size=size)
-    return ImageFont.truetype(path, size)
+    """A font per thread: FreeType faces must not be used by two threads at once, and the
+    service renders in several worker threads."""
+    cache = getattr(_FONTS, "cache", None)
+    if cache is None:
+        cache = _FONTS.cache = {}
+    key = (size, bold)
+    if key not in cache:
+        path = _font_path(bold)
+        # Pillow's bundled font has no suit glyphs, but ranks stay readable.
+        cache[key] = ImageFont.truetype(path, size) if path else ImageFont.load_default(size=size)
+    return cache[key]
 
 
 def rank_label(rank: int) -> str:

@@ -112,8 +112,9 @@ class SessionManager:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def shutdown(self) -> None:
-        for sid in list(self._sessions):
-            self.delete(sid)
+        for sid, session in list(self._sessions.items()):
+            if session is not None:
+                self.delete(sid)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def __len__(self) -> int:
@@ -151,7 +152,7 @@ class SessionManager:
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None:  # also a slot reserved by a create still in progress
             raise UnknownSession(f"unknown session {session_id!r} (deleted, expired after {self.ttl_s:.0f}s idle, "
                                  "or never created)")
         if session.failed:
@@ -160,9 +161,10 @@ class SessionManager:
 
     def delete(self, session_id: str) -> None:
         with self._guard:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise UnknownSession(f"unknown session {session_id!r}")
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise UnknownSession(f"unknown session {session_id!r}")
+            del self._sessions[session_id]
         try:
             session.env.close()
         except Exception:  # noqa: BLE001 - closing a broken env must not fail the delete
