@@ -233,8 +233,11 @@ class VLLMBackend(TeacherBackend):
                 save_file({self._to_checkpoint[n]: t.detach().to("cpu").contiguous() for n, t in delta.items()}, path)
             with self._lock:
                 counts = self._llm.collective_rpc("gtr_load_merged", args=(str(self.model_dir), path))
-                # KV blocks cached under the old weights must not serve the new version.
+                # Nothing computed under the old weights may serve the new version: cached KV
+                # blocks, and cached vision-encoder outputs (the workers' reload drops theirs,
+                # the scheduler's bookkeeping must follow or it skips re-encoding images).
                 self._llm.reset_prefix_cache()
+                self._llm.llm_engine.reset_encoder_cache()
                 self._version = version
         log.info("vLLM engine now serves version %d (%d tensors reloaded, %d with a delta)",
                  version, counts[0] if counts else -1, len(delta))
