@@ -111,3 +111,40 @@ def test_seed_reproduces_the_game_and_expert():
         return trace
 
     assert run() == run()
+
+
+def test_real_dataset_tree_is_discovered_and_filtered(tmp_path, monkeypatch):
+    """An alfworld-download layout (json_2.1.1/<split>/<task>/<trial>/game.tw-pddl + traj_data.json),
+    built from the bundled games: split, task-type, solvable and movable filters as alfworld's loader."""
+    import shutil
+
+    from services.envs.alfworld_env import AlfWorldEnv, build_bundled_games
+
+    built = {p.parent.name: p for p in build_bundled_games()}
+
+    def put(split, name, trial, solvable=True, folder=None):
+        d = tmp_path / "json_2.1.1" / split / (folder or name) / trial
+        d.mkdir(parents=True)
+        shutil.copy(built[name].parent / "traj_data.json", d / "traj_data.json")
+        game = json.loads(built[name].read_text())
+        game["solvable"] = solvable
+        (d / "game.tw-pddl").write_text(json.dumps(game))
+
+    put("train", "pick_soapbar_toilet", "trial_1")
+    put("train", "heat_potato_diningtable", "trial_2")
+    put("train", "clean_mug_coffeemachine", "trial_3", solvable=False)
+    put("train", "pick_soapbar_toilet", "trial_4", folder="pick_and_place_with_movable_recep-x")
+    put("valid_unseen", "cool_tomato_countertop", "trial_5")
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    env = AlfWorldEnv()  # split "auto": the tree is there, so train
+    assert env.split == "train" and sorted(g.parent.parent.name for g in env.games) == [
+        "heat_potato_diningtable", "pick_soapbar_toilet"]
+    env = AlfWorldEnv(task_types=[1])
+    assert [g.parent.parent.name for g in env.games] == ["pick_soapbar_toilet"]
+    obs, info = env.reset(seed=0)
+    assert info["task_type"] == "pick_and_place_simple" and info["split"] == "train"
+    env.close()
+    env = AlfWorldEnv(split="valid_unseen")
+    assert [g.parent.parent.name for g in env.games] == ["cool_tomato_countertop"]
+    env = AlfWorldEnv(split="bundled")
+    assert len(env.games) == len(bundled_game_names())
