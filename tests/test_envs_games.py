@@ -326,3 +326,30 @@ def test_fast_png_encoder_gives_the_rendered_pixels():
         fast = np.asarray(b64_to_image(obs.png()))
         assert (fast == np.asarray(obs.image.convert("RGB"))).all()
         assert (fast == np.asarray(b64_to_image(to_png_b64(obs.image)))).all()
+
+
+REQUIRED_INFO = {"format_ok", "action_valid", "action", "won", "expert_action", "expert_thoughts", "event"}
+
+
+@pytest.mark.parametrize("env_id", [e for e in ENVS if e != "alfworld-thor"])
+def test_every_env_keeps_the_contract(env_id):
+    """A check_env for our text-action envs: the instruction states the JSON format, every info
+    carries the DESIGN §3.1 fields, garbage is penalised, the expert's action is legal."""
+    from services.envs.alfworld_env import alfworld_status
+
+    if env_id == "alfworld" and not alfworld_status()[0]:
+        pytest.skip(alfworld_status()[1])
+    env = ENVS[env_id]()
+    obs, info = env.reset(seed=0)
+    assert '"thoughts"' in obs.instruction and '"action"' in obs.instruction
+    assert REQUIRED_INFO <= set(info)
+    assert obs.image is None or obs.image.size == (300, 300)
+    r = env.step("no json here")
+    assert REQUIRED_INFO <= set(r.info) and r.reward < 0 and not r.info["format_ok"] and r.info["action"] is None
+    action = r.info["expert_action"]
+    if action is not None:
+        legal = obs.admissible_actions if obs.admissible_actions is not None else env.actions()
+        assert action in (r.observation.admissible_actions or legal)
+        r = env.step(act(action))
+        assert r.info["format_ok"] and r.info["action_valid"] and r.info["action"] == action
+    env.close()
