@@ -166,6 +166,8 @@ def main() -> None:
         d.mkdir(exist_ok=True)
         (d / "initial_state.pddl").write_text(pddl)
         (d / "traj_data.json").write_text(json.dumps(traj, indent=2) + "\n")
+        # A package each, so that setuptools' package-data globs ship the files in a wheel too.
+        (d / "__init__.py").write_text('"""Bundled ALFWorld game (data only), written by make_games.py."""\n')
         print(f"wrote {d}")
 
 

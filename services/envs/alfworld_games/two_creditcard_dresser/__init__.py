@@ -1,0 +1,1 @@
+"""Bundled ALFWorld game (data only), written by make_games.py."""
