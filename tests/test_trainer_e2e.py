@@ -75,6 +75,9 @@ def test_train_kl_two_updates(tmp_path, sft_model, env_url, teacher_url):
         assert set(CONTRACT) <= set(r)
         assert r["teacher/unavailable"] == 0 and r["teacher/guided_frac"] > 0
         assert r["kl_mean"] is not None and math.isfinite(r["kl_mean"]) and r["kl_mean"] >= 0
+    # Teacher version 0 is the base, i.e. the student before its first update (LoRA B = 0): the
+    # two sides see the same tokens, image and positions, so the KL is zero up to float noise.
+    assert rows[0]["teacher_version"] == 0 and rows[0]["kl_mean"] < 1e-4
     assert rows[1]["teacher_version"] > rows[0]["teacher_version"]  # each update's push was merged
     assert rows[1]["kl_mean"] > 0  # the merged teacher differs from the updated student
     samples = [json.loads(line) for line in (Path(cfg.run_dir) / "samples/update_00002.jsonl").read_text().splitlines()]

@@ -169,3 +169,16 @@ def test_adapter_roundtrip_reproduces_scores(tiny_model_dir, policy, prompts, tm
         a = policy.score(prompts, comps, [1, 0, 2], 1.0, 0.5).logprob
         b = other.score(prompts, comps, [1, 0, 2], 1.0, 0.5).logprob
     assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, prompts):
+    grads = []
+    for ckpt in (False, True):
+        pol = Policy(tiny_model_dir, ModelSettings(device="cpu", gradient_checkpointing=ckpt,
+                                                   lora={"dropout": 0.0, "r": 4}), seed=0)
+        _perturb(pol, 4)
+        pol.train(True)
+        sc = pol.score(prompts, [[120, 121], [122], [123, 124, 125]], [1, 0, 2], 1.0, 0.5)
+        (sc.logprob.sum() + sc.values.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in pol.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)

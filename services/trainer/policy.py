@@ -164,30 +164,31 @@ class Policy:
 
     def _forward(self, prompts, completions):
         """One forward: (fp32 logits of the completion positions with vision tokens masked
-        [B,K,V], targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch)."""
+        [B,K,V], the same unmasked, targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch)."""
         batch: EncodedBatch = encode(self.processor, prompts, completions, device=self.device)
         k = batch.completion_slice()
         self._hidden = None
         with self.autocast():
             out = self.model(**batch.inputs, logits_to_keep=k + 1, use_cache=False)
-        logits = out.logits[:, :-1, :].float()
+        raw = out.logits[:, :-1, :].float()
+        logits = raw
         if self.suppress_ids:
-            mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            mask = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
             mask[self.suppress_ids] = True
-            logits = logits.masked_fill(mask, MASKED)
+            logits = raw.masked_fill(mask, MASKED)
         targets = batch.inputs["input_ids"][:, batch.width - k:]
         lens = torch.tensor(batch.completion_lens, device=logits.device)
         pos = torch.arange(k, device=logits.device)
         valid = pos.unsqueeze(0) >= (k - lens).unsqueeze(1)
         last_prompt = batch.width - 1 - lens  # left padding: every row ends at the right edge
         hidden = self._hidden[torch.arange(len(prompts), device=logits.device), last_prompt]
-        return logits, targets, valid, hidden, batch
+        return logits, raw, targets, valid, hidden, batch
 
     def score(self, prompts, completions, n_thoughts: Sequence[int], temperature: float, thought_coef: float,
               kl_temperature: float | None = None) -> Scores:
         """Log-probs, values and entropy of each (prompt, completion). Gradients flow unless
         the caller wraps it in torch.no_grad()."""
-        logits, targets, valid, hidden, batch = self._forward(prompts, completions)
+        logits, raw, targets, valid, hidden, batch = self._forward(prompts, completions)
         k = logits.shape[1]
         lp_all = torch.log_softmax(logits / temperature, dim=-1)
         tok_lp = lp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -203,10 +204,8 @@ class Policy:
         token_lps = [tok_lp[i, k - n:].detach() for i, n in enumerate(batch.completion_lens)]
         thought_lps = None
         if kl_temperature is not None:
-            if kl_temperature == temperature:
-                src = tok_lp
-            else:
-                src = torch.log_softmax(logits / kl_temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # The model's own distribution, vision tokens not masked: what the teacher scores with.
+            src = torch.log_softmax(raw / kl_temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             thought_lps = [src[i, k - n:k - n + nt].detach()
                            for i, (n, nt) in enumerate(zip(batch.completion_lens, n_thoughts, strict=True))]
         return Scores(logprob, values, entropy, token_lps, thought_lps)
@@ -222,7 +221,7 @@ class Policy:
     def masked_ce(self, prompts, completions, n_masked: Sequence[int]) -> torch.Tensor:
         """Mean cross-entropy (untempered) over the first n_masked[i] completion tokens of each
         item: the SFT loss on thought tokens (or on the whole target with n = its length)."""
-        logits, targets, valid, _, batch = self._forward(prompts, completions)
+        logits, _, targets, valid, _, batch = self._forward(prompts, completions)
         k = logits.shape[1]
         lens = torch.tensor(batch.completion_lens, device=logits.device)
         start = (k - lens).unsqueeze(1)
