@@ -182,3 +182,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, prompts
         (sc.logprob.sum() + sc.values.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in pol.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_stored_prompt_gives_back_the_exact_pixels(policy):
+    from services.trainer.stored_prompt import StoredPrompt, load_prompt, store_prompt
+    from shared.codecs import b64_to_image, image_to_array
+
+    arr = (np.random.default_rng(0).random((123, 211, 3)) * 255).astype(np.uint8)
+    obs = Observation(image=image_to_b64(arr), instruction="Reach 24.")
+    full = encode_prompt(policy.processor, observation_messages(obs))
+    stored = store_prompt(full, image_to_array(b64_to_image(obs.image)))
+    again = load_prompt(policy.processor, StoredPrompt.from_state(stored.state()))
+    for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(again[k], full[k]), k
+    assert stored.image.dtype == np.uint8 and "pixel_values" not in stored.state()
+    text_only = encode_prompt(policy.processor, observation_messages(Observation(instruction="hi")))
+    assert "pixel_values" not in load_prompt(policy.processor, store_prompt(text_only, None))
+    with pytest.raises(ValueError):
+        store_prompt(full, None)

@@ -23,6 +23,7 @@ from services.trainer.config import TrainConfig
 from services.trainer.losses import kl_per_token
 from services.trainer.rollout import RolloutStep
 from services.trainer.spans import split_spans
+from services.trainer.stored_prompt import StoredPrompt
 from shared.client import RETRY_STATUS, ServiceError
 from shared.schemas import CheckpointUploadResponse, GenerateItem, GenerateRequest, LogitsItem, LogitsRequest, TeacherInfo
 from shared.teacher_client import TeacherClient
@@ -163,7 +164,7 @@ def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -
 
 @dataclass
 class SFTExample:
-    prompt: dict[str, torch.Tensor]
+    prompt: StoredPrompt
     ids: list[int]
     """The teacher's thought tokens followed by the agent's own action tokens."""
     n_thought: int
@@ -189,13 +190,13 @@ class ReplayBuffer:
         return [self.items[int(i)] for i in idx]
 
     def state(self) -> list[dict[str, Any]]:
-        return [{"prompt": ex.prompt, "ids": torch.tensor(ex.ids, dtype=torch.long), "n_thought": ex.n_thought}
+        return [{"prompt": ex.prompt.state(), "ids": torch.tensor(ex.ids, dtype=torch.long), "n_thought": ex.n_thought}
                 for ex in self.items]
 
     def load_state(self, state: list[dict[str, Any]]) -> None:
         self.items.clear()
         for d in state:
-            self.items.append(SFTExample(d["prompt"], d["ids"].tolist(), int(d["n_thought"])))
+            self.items.append(SFTExample(StoredPrompt.from_state(d["prompt"]), d["ids"].tolist(), int(d["n_thought"])))
 
 
 def sft_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig, tokenizer, buffer: ReplayBuffer,

@@ -19,6 +19,7 @@ from torch import nn
 
 from services.trainer.config import LoraSettings, ModelSettings
 from services.trainer.losses import entropy_from_logits
+from services.trainer.stored_prompt import load_prompt
 from shared.chat import EncodedBatch, encode
 from shared.models import load_model, load_processor, resolve_device, vision_token_ids
 
@@ -142,6 +143,7 @@ class Policy:
         the distribution `score` computes (DESIGN §5.6). With `with_logprobs`, also returns the
         sampler's own log-prob of each sampled token (a check on that claim)."""
         self.model.eval()
+        prompts = [load_prompt(self.processor, p) for p in prompts]
         batch = encode(self.processor, prompts, device=self.device)
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         with self.autocast():
@@ -165,6 +167,7 @@ class Policy:
     def _forward(self, prompts, completions):
         """One forward: (fp32 logits of the completion positions with vision tokens masked
         [B,K,V], the same unmasked, targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch)."""
+        prompts = [load_prompt(self.processor, p) for p in prompts]
         batch: EncodedBatch = encode(self.processor, prompts, completions, device=self.device)
         k = batch.completion_slice()
         self._hidden = None
@@ -212,6 +215,7 @@ class Policy:
 
     def values(self, prompts) -> torch.Tensor:
         """[B] value of each prompt alone (bootstrap values of final / next observations)."""
+        prompts = [load_prompt(self.processor, p) for p in prompts]
         batch = encode(self.processor, prompts, device=self.device)
         self._hidden = None
         with self.autocast():

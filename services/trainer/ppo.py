@@ -16,6 +16,7 @@ from services.trainer.guidance import ReplayBuffer
 from services.trainer.losses import cosine_lr_factor, explained_variance, gae, normalize, ppo_clip_loss, value_loss
 from services.trainer.policy import Policy
 from services.trainer.rollout import Rollout
+from services.trainer.stored_prompt import StoredPrompt
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class PPOBatch:
     """One update's samples, flattened from [T, N] (b_* in CleanRL)."""
 
-    prompts: list[dict[str, torch.Tensor]]
+    prompts: list[StoredPrompt]
     completions: list[list[int]]
     n_thought: list[int]
     old_logp: torch.Tensor

@@ -19,6 +19,7 @@ from services.trainer.config import TrainConfig
 from services.trainer.envpool import EnvPool, EnvResult
 from services.trainer.policy import Policy
 from services.trainer.spans import split_spans
+from services.trainer.stored_prompt import StoredPrompt, store_prompt
 from shared.chat import encode_prompt
 from shared.codecs import b64_to_image, image_to_array
 from shared.prompting import observation_messages
@@ -33,8 +34,8 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class RolloutStep:
-    prompt: dict[str, torch.Tensor]
-    """`encode_prompt` output: the exact input ids, mm_token_type_ids and pixel values of the rollout."""
+    prompt: StoredPrompt
+    """The exact prompt ids and image of the rollout (pixel values recomputed bit-identically on use)."""
     messages: list[dict[str, Any]]
     """The chat (base64 image + instruction) the policy saw; sent to the teacher as is."""
     image: np.ndarray | None
@@ -109,9 +110,10 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
         truncated_final: dict[int, dict[str, torch.Tensor]] = {}
         for e, r in enumerate(results):
             fmt = bool(r.info.get("format_ok", False))
+            image = decode_image(current[e].observation.image)
             shaped = r.reward + (cfg.reward.format_ok if fmt else cfg.reward.format_bad)
             row.append(RolloutStep(
-                prompt=prompts[e], messages=messages[e], image=decode_image(current[e].observation.image),
+                prompt=store_prompt(prompts[e], image), messages=messages[e], image=image,
                 tokens=completions[e], text=texts[e], n_thought=spans[e].n_thought, thought_ok=spans[e].thought_ok,
                 logprob=float(sc.logprob[e]), value=float(sc.values[e]),
                 student_thought_lp=sc.thought_logprobs[e] if sc.thought_logprobs is not None else None,
