@@ -9,6 +9,8 @@ line encodes every in-process image as PNG too, for reference.
 
 The sides alternate in short rounds so that load from other processes hits them alike
 (measured in one run, reported as ratios). Target: the service keeps >= 50% of in-process.
+CPU seconds are reported beside wall time (service: client + server process), as steps per
+CPU-second, which a busy machine disturbs less than throughput.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 N_SESSIONS = 32
 SECONDS = float(os.environ.get("GTR_BENCH_SECONDS", 6.0))  # per side, split into rounds
-ROUNDS = 6
+ROUNDS = 12
 TARGET_RATIO = 0.5
 
 
@@ -46,11 +48,12 @@ class InProcess:
         for i, e in enumerate(self.envs):
             e.reset(seed=i)
         self.actions = _actions(0)
-        self.steps, self.seconds = 0, 0.0
+        self.steps, self.seconds, self.cpu = 0, 0.0, 0.0
 
     def run(self, seconds: float) -> None:
         from services.envs.render import to_png_b64
 
+        c0 = time.process_time()
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             for e in self.envs:
@@ -61,9 +64,20 @@ class InProcess:
                 if r.terminated or r.truncated:
                     e.reset()
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
 
     def figures(self) -> dict:
-        return {"steps": self.steps, "seconds": round(self.seconds, 3), "steps_per_s": round(self.steps / self.seconds, 1)}
+        return {"steps": self.steps, "seconds": round(self.seconds, 3), "steps_per_s": round(self.steps / self.seconds, 1),
+                "cpu_seconds": round(self.cpu, 3), "steps_per_cpu_s": round(self.steps / max(self.cpu, 1e-9), 1)}
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux /proc); 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class ThroughService:
@@ -80,9 +94,10 @@ class ThroughService:
         self.client.wait_ready(60)
         self.sids = [self.client.create("points24", seed=i).session_id for i in range(N_SESSIONS)]
         self.actions = _actions(0)
-        self.steps, self.batches, self.resets, self.seconds = 0, 0, 0, 0.0
+        self.steps, self.batches, self.resets, self.seconds, self.cpu = 0, 0, 0, 0.0, 0.0
 
     def run(self, seconds: float) -> None:
+        c0 = time.process_time() + _proc_cpu(self.proc.pid)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             out = self.client.step_batch([(sid, next(self.actions)) for sid in self.sids], auto_reset=True)
@@ -93,6 +108,7 @@ class ThroughService:
             self.steps += len(out)
             self.batches += 1
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.process_time() + _proc_cpu(self.proc.pid) - c0
 
     def close(self) -> None:
         self.client.close()
@@ -101,7 +117,8 @@ class ThroughService:
 
     def figures(self) -> dict:
         return {"steps": self.steps, "batches": self.batches, "resets": self.resets, "seconds": round(self.seconds, 3),
-                "steps_per_s": round(self.steps / self.seconds, 1)}
+                "steps_per_s": round(self.steps / self.seconds, 1), "cpu_seconds": round(self.cpu, 3),
+                "steps_per_cpu_s": round(self.steps / max(self.cpu, 1e-9), 1)}
 
 
 def run(out_dir: Path) -> dict:
@@ -125,6 +142,7 @@ def run(out_dir: Path) -> dict:
         "service_batched": s,
         "service_over_in_process": round(ratio, 3),
         "service_over_in_process_with_png": round(s["steps_per_s"] / lp["steps_per_s"], 3),
+        "service_over_in_process_per_cpu_s": round(s["steps_per_cpu_s"] / l["steps_per_cpu_s"], 3),
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
         "sessions": N_SESSIONS,
