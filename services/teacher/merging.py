@@ -80,7 +80,12 @@ class ModuleStats:
 
 def trim_(flat_K_N: torch.Tensor, density: float) -> torch.Tensor:
     """In place: keep each row's top-`density` fraction by magnitude (k = int(density * N),
-    as peft's `magnitude_based_pruning`), zero the rest."""
+    as peft's `magnitude_based_pruning`), zero the rest.
+
+    Entries tied with the k-th largest magnitude are all kept, so the result does not depend
+    on the order of entries (a top-k sort keeps an arbitrary subset of such ties). Row by row,
+    so the temporaries are one row, not the K x N stack.
+    """
     import numpy as np
     import torch.nn.functional as F
 
@@ -90,14 +95,12 @@ def trim_(flat_K_N: torch.Tensor, density: float) -> torch.Tensor:
         return flat_K_N
     if k <= 0:
         return flat_K_N.zero_()
-    thr = kth_largest(flat_K_N.abs(), k)
-    for i, row in enumerate(flat_K_N):
-        # keep |x| >= thr, i.e. |x| > the next float below thr: hardshrink is one fused pass
-        # (boolean masks cost several times more on CPU).
-        t = thr[i].item()
-        lambd = max(float(np.nextafter(np.float32(t), np.float32(0))), 0.0) if row.dtype == torch.float32 \
-            else max(float(np.nextafter(t, 0.0)), 0.0)
-        row.copy_(F.hardshrink(row, lambd))
+    for row in flat_K_N:
+        t = kth_largest(row.abs().unsqueeze(0), k).item()
+        # keep |x| >= t, i.e. |x| > the next float below t: hardshrink is one fused pass
+        # (a boolean mask costs several times more on CPU).
+        below = np.nextafter(np.float32(t), np.float32(0)) if row.dtype == torch.float32 else np.nextafter(t, 0.0)
+        row.copy_(F.hardshrink(row, max(float(below), 0.0)))
     return flat_K_N
 
 
@@ -134,7 +137,9 @@ def ties_merge(deltas_K: torch.Tensor, weights_K: torch.Tensor, density: float, 
     mass = w @ trimmed  # sum_i w_i trimmed_i
     elected = mass.sign()  # 0 where the weighted mass cancels exactly: nothing elected
     if stats:
-        voted = trimmed.abs().amax(0) > 0
+        voted = torch.zeros_like(mass, dtype=torch.bool)
+        for row in trimmed:
+            voted |= row != 0
     # Float arithmetic only (boolean K x N masks are slow on CPU): side_i = trimmed_i * elected
     # is > 0 where checkpoint i agrees with the elected sign, < 0 where it disagrees.
     side = trimmed.mul_(elected)
@@ -142,9 +147,9 @@ def ties_merge(deltas_K: torch.Tensor, weights_K: torch.Tensor, density: float, 
         # Both signs among the kept values: one against the elected sign, or an exact cancel.
         conflict = (side.amin(0) < 0) | (voted & (elected == 0))
         st.voted, st.conflicts = int(voted.sum()), int(conflict.sum())
-    agree = side.sign().clamp_(min=0)  # 1 where it agrees, else 0
-    den = w @ agree  # sum_i w_i [agrees]
-    del agree
+    den = torch.zeros_like(mass)  # sum_i w_i [agrees], row by row: no K x N temporary
+    for wi, row in zip(w.tolist(), side, strict=True):
+        den.add_(row.sign().clamp_(min=0), alpha=wi)
     num = (w @ side.clamp_(min=0)).mul_(elected)  # sum_i w_i trimmed_i [agrees]
     merged = torch.where(den > 0, num / den.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(num))
     merged = merged.mul_(scale).reshape(shape)
