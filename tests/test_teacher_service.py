@@ -379,3 +379,14 @@ def test_swap_is_atomic_under_concurrent_requests(tiny_model_dir):
         stop.set()
         t.join()
     assert not bad and seen == {0, 1}
+
+
+def test_mutating_routes_need_the_token_when_set(tiny_model_dir, tmp_path, adapters, monkeypatch):
+    monkeypatch.setenv("GTR_API_TOKEN", "s3cret")
+    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "store"))) as c:
+        assert c.post("/v1/checkpoints", **files(adapters[0], 0)).status_code == 401
+        assert c.post("/v1/merge").status_code == 401
+        assert c.post("/v1/logits", json=logits_body()).status_code == 200  # reading needs no token
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/checkpoints", headers=auth, **files(adapters[0], 0)).status_code == 200
+        assert c.post("/v1/merge", headers=auth).json()["version"] == 1
