@@ -82,6 +82,9 @@ class CardFormulaEnv(TextActionEnv):
                 numbers = [self.card_value(r) for r, _ in self.cards]
                 if not self.options.get("solvable_only") or solve(numbers, self.target, self.arith_ops):
                     break
+            else:
+                raise EnvOptionError(f"{self.env_id}: no solvable hand for target {self.target} in 1000 deals; "
+                                     "turn solvable_only off or choose another target")
         self.numbers = [self.card_value(r) for r, _ in self.cards]
         self.formula: list[str] = []
         self.budget_used = 0  # non-"=" steps taken, valid or not

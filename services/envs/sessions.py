@@ -165,23 +165,31 @@ class SessionManager:
             if session is None:
                 raise UnknownSession(f"unknown session {session_id!r}")
             del self._sessions[session_id]
-        try:
-            session.env.close()
-        except Exception:  # noqa: BLE001 - closing a broken env must not fail the delete
-            log.warning("closing session %s raised", session_id, exc_info=True)
+        with session.lock:  # let a step in flight finish before the env goes away
+            try:
+                session.env.close()
+            except Exception:  # noqa: BLE001 - closing a broken env must not fail the delete
+                log.warning("closing session %s raised", session_id, exc_info=True)
 
     def _reap_locked(self) -> int:
         now = time.monotonic()
         expired = [sid for sid, s in self._sessions.items() if s is not None and now - s.last_used > self.ttl_s]
+        closed = 0
         for sid in expired:
-            session = self._sessions.pop(sid)
+            session = self._sessions[sid]
+            if not session.lock.acquire(blocking=False):  # a step is running: not idle after all
+                continue
             try:
+                del self._sessions[sid]
                 session.env.close()
             except Exception:  # noqa: BLE001
                 log.warning("closing expired session %s raised", sid, exc_info=True)
-        if expired:
-            log.info("expired %d idle session(s)", len(expired))
-        return len(expired)
+            finally:
+                session.lock.release()
+            closed += 1
+        if closed:
+            log.info("expired %d idle session(s)", closed)
+        return closed
 
     def reap(self) -> int:
         with self._guard:
