@@ -133,13 +133,43 @@ def test_teacher_unreachable_runs_unguided_and_says_so(tmp_path, sft_model, env_
     assert "TEACHER UNAVAILABLE" in caplog.text
 
 
-def test_gtr_train_cli_contract(tmp_path, sft_model, env_url):
+def test_gtr_train_and_eval_cli(tmp_path, sft_model, env_url):
+    import threading
+
+    import httpx
+
     from shared.cli import main
 
-    rc = main(["train", "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--set", f"model.path={sft_model['out']}",
-               "--set", f"env.url={env_url}", "--set", "guidance.mode=none", "--set", "updates=1",
-               "--set", f"run_dir={tmp_path / 'cli'}", "--set", "logging.progress=false", "--port", "0"])
+    port = free_port()
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def poll():  # the trainer's status service answers while it trains
+        while not done.is_set():
+            try:
+                seen.append(httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=1).json())
+            except httpx.HTTPError:
+                pass
+            done.wait(0.05)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        rc = main(["train", "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--set", f"model.path={sft_model['out']}",
+                   "--set", f"env.url={env_url}", "--set", "guidance.mode=none", "--set", "updates=2",
+                   "--set", f"run_dir={tmp_path / 'cli'}", "--set", "logging.progress=false", "--port", str(port)])
+    finally:
+        done.set()
+        t.join()
     assert rc == 0
-    row = _metrics(tmp_path / "cli")[0]
-    assert set(CONTRACT) <= set(row) and row["kl_mean"] is None and row["teacher_version"] is None
+    rows = _metrics(tmp_path / "cli")
+    assert set(CONTRACT) <= set(rows[0]) and rows[0]["kl_mean"] is None and rows[0]["teacher_version"] is None
     assert (tmp_path / "cli" / "config.yaml").exists()
+    assert seen and {s["phase"] for s in seen} & {"starting", "rollout", "teacher", "ppo", "checkpoint"}
+    assert all(s["updates_total"] == 2 for s in seen)
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", sft_model["out"], "--adapter", str(tmp_path / "cli" / "checkpoint"), "--env-url",
+               env_url, "--env-id", "numberline", "--episodes", "3", "--max-new-tokens", "48", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["episodes"] == 3 and 0 <= report["success_rate"] <= 1
+    assert [e["seed"] for e in report["per_episode"]] == [10_000, 10_001, 10_002]

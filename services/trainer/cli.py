@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -12,6 +13,7 @@ log = logging.getLogger(__name__)
 
 def _train(args: argparse.Namespace) -> int:
     from services.trainer.config import load_train_config
+    from services.trainer.status import StatusBoard
     from services.trainer.train import train
 
     overrides = list(args.set or [])
@@ -20,7 +22,20 @@ def _train(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides.append(f"trainer.port={args.port}")
     cfg = load_train_config(args.config, overrides)
-    summary = train(cfg)
+    board = StatusBoard(cfg.updates, cfg.run_dir, cfg.guidance.mode)
+
+    def on_signal(signum, _frame):
+        if board.stop_requested.is_set():  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the current update, saving, then exiting (again to abort)", signum)
+        board.stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        summary = train(cfg, board=board)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": _short(summary["last"])}, indent=2))
     return 0
 

@@ -59,13 +59,23 @@ class EnvPool:
         data = self.client.post("/v1/step", json=req)
         items = data if isinstance(data, list) else (data.get("results") or data.get("steps") or data.get("items"))
         out = []
-        for raw in items:
+        for i, raw in zip(which, items, strict=True):
             r = BatchStepResult.model_validate(raw)
             if r.error is not None or r.observation is None:
-                detail = r.error.detail if r.error else "no observation"
-                raise RuntimeError(f"env session {r.session_id} failed: {detail}")
+                out.append(self._replace_failed(i, r))
+                continue
             out.append(EnvResult(r.observation, r.reward, r.terminated, r.truncated, r.info))
         return out
+
+    def _replace_failed(self, i: int, r: BatchStepResult) -> EnvResult:
+        """An exception inside one env fails that session alone (DESIGN §3.1): open a new one in
+        its place and end the episode there (terminated, no bootstrap, no reward, no format term)."""
+        detail = r.error.detail if r.error else "no observation"
+        log.warning("env session %s failed (%s); replacing it", r.session_id, detail)
+        new = self.client.post("/v1/sessions", json=CreateSessionRequest(env_id=self.env_id, options=self.options),
+                               model=SessionResponse)
+        self.session_ids[i] = new.session_id
+        return EnvResult(new.observation, 0.0, True, False, {"env_error": detail, "won": False})
 
     def close(self) -> None:
         for sid in self.session_ids:

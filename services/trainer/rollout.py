@@ -111,7 +111,9 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
         for e, r in enumerate(results):
             fmt = bool(r.info.get("format_ok", False))
             image = decode_image(current[e].observation.image)
-            shaped = r.reward + (cfg.reward.format_ok if fmt else cfg.reward.format_bad)
+            shaped = r.reward
+            if "env_error" not in r.info:  # the env's failure is not the agent's format
+                shaped += cfg.reward.format_ok if fmt else cfg.reward.format_bad
             row.append(RolloutStep(
                 prompt=store_prompt(prompts[e], image), messages=messages[e], image=image,
                 tokens=completions[e], text=texts[e], n_thought=spans[e].n_thought, thought_ok=spans[e].thought_ok,
@@ -170,6 +172,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
         "rollout/env_reward_mean": float(np.mean([s.env_reward for s in flat])),
         "rollout/tokens_mean": float(np.mean([len(s.tokens) for s in flat])),
         "rollout/value_mean": float(np.mean([s.value for s in flat])),
+        "rollout/env_errors": sum("env_error" in s.info for s in flat),
     }
     by_type: dict[str, list[dict]] = {}
     for e in eps:
