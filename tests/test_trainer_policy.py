@@ -200,3 +200,15 @@ def test_stored_prompt_gives_back_the_exact_pixels(policy):
     assert "pixel_values" not in load_prompt(policy.processor, store_prompt(text_only, None))
     with pytest.raises(ValueError):
         store_prompt(full, None)
+
+
+def test_lora_targets_language_model_and_optionally_the_vision_tower(tiny_model_dir):
+    def lora_names(vision):
+        p = Policy(tiny_model_dir, ModelSettings(device="cpu", lora={"vision": vision, "target_modules": ["q_proj", "o_proj"]}))
+        return [n for n, _ in p.model.named_parameters() if "lora_A" in n]
+
+    text_only = lora_names(False)
+    assert text_only and all("language_model" in n and ("q_proj" in n or "o_proj" in n) for n in text_only)
+    with_vision = lora_names(True)
+    assert any("visual.blocks" in n and "attn.qkv" in n for n in with_vision)
+    assert set(text_only) < set(with_vision)

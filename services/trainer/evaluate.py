@@ -55,7 +55,8 @@ def evaluate(model_path: str, env_url: str, env_id: str, episodes: int = 20, ada
                     records.append({"seed": seed + episode_of[e], "won": bool(r.info.get("won")),
                                     "return": st["return"], "steps": st["steps"],
                                     "format_ok_rate": st["format_ok"] / st["steps"],
-                                    "task_type": r.info.get("task_type"), "cut_off": not (r.terminated or r.truncated)})
+                                    "task_type": r.info.get("task_type"), "cut_off": not (r.terminated or r.truncated),
+                                    "goal_condition_rate": r.info.get("goal_condition_rate")})
                     if next_episode < episodes:
                         episode_of[e] = next_episode
                         cur[e] = pool.reset(e, seed + next_episode)
@@ -79,6 +80,9 @@ def evaluate(model_path: str, env_url: str, env_id: str, episodes: int = 20, ada
         "mean_steps": float(np.mean([r["steps"] for r in records])),
         "seconds": time.perf_counter() - t0,
     }
+    gcs = [r["goal_condition_rate"] for r in records if r["goal_condition_rate"] is not None]
+    if gcs:  # ALFWorld
+        report["mean_goal_condition_rate"] = float(np.mean(gcs))
     by_type: dict[str, list[dict]] = {}
     for r in records:
         if r["task_type"]:

@@ -147,8 +147,9 @@ def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -
     version, results = res
     kls, raw = [], []
     for s, r in zip(guided, results, strict=True):
-        if len(r.logprobs) != s.n_thought:
-            raise RuntimeError(f"teacher returned {len(r.logprobs)} log-probs for {s.n_thought} thought tokens")
+        if list(r.token_ids) != s.tokens[:s.n_thought] or len(r.logprobs) != s.n_thought:
+            raise RuntimeError(f"teacher scored other tokens than the {s.n_thought} sampled thought tokens "
+                               f"({len(r.logprobs)} log-probs): a different tokenizer?")
         teacher_lp = torch.tensor(r.logprobs, dtype=torch.float32)
         k = kl_per_token(s.student_thought_lp, teacher_lp, g.kl_estimator)
         s.kl, s.kl_tokens, s.teacher_version = float(k.mean()), k.tolist(), version
