@@ -11,6 +11,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_CPU ?= torch==2.13.0
 EXTRAS ?= dev,alfworld
 PYTEST_ARGS ?=
+# The venv first on PATH: alfworld's fast-downward build runs a bare `python build.py` inside
+# pip's isolated build, which must not resolve to a pyenv shim.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup test test-fast test-vllm demo bench clean tiny-model
 
