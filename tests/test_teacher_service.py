@@ -390,3 +390,34 @@ def test_mutating_routes_need_the_token_when_set(tiny_model_dir, tmp_path, adapt
         auth = {"Authorization": "Bearer s3cret"}
         assert c.post("/v1/checkpoints", headers=auth, **files(adapters[0], 0)).status_code == 200
         assert c.post("/v1/merge", headers=auth).json()["version"] == 1
+
+
+def test_adapter_names_from_wrappers_and_transformers_4_resolve(tiny_model_dir, adapters):
+    from safetensors.torch import load_file, save
+
+    from services.teacher.adapters import parse_adapter
+
+    shapes = {n: tuple(p.shape) for n, p in load_model_and_processor(tiny_model_dir)[0].named_parameters()}
+    cfg = (adapters[0] / "adapter_config.json").read_bytes()
+    tensors = load_file(adapters[0] / "adapter_model.safetensors")
+    want = parse_adapter(save(tensors), cfg, shapes)
+    legacy = {k.replace("model.language_model.layers.", "model.layers.").replace("model.model.visual.", "model.visual."): v
+              for k, v in tensors.items()}  # transformers 4.x: model.layers.*, visual.*
+    wrapped = {k.replace("base_model.model.", "base_model.model.policy.vlm."): v for k, v in tensors.items()}
+    for variant in (legacy, wrapped):
+        got = parse_adapter(save(variant), cfg, shapes)
+        assert set(got.factors) == set(want.factors)
+        for n in want.factors:
+            assert torch.equal(got.factors[n].B, want.factors[n].B)
+
+
+def test_restart_after_a_served_checkpoint_was_deleted_builds_a_new_version(tiny_model_dir, tmp_path, adapters):
+    store = tmp_path / "store"
+    with TestClient(create_app(settings(tiny_model_dir, store))) as c:
+        ids = [c.post("/v1/checkpoints", **files(a, i)).json()["checkpoint_id"] for i, a in enumerate(adapters[:2])]
+        assert c.post("/v1/merge").json()["version"] == 1
+        c.delete(f"/v1/checkpoints/{ids[0]}")
+        assert c.get("/v1/teacher").json()["version"] == 1  # still serving until the next merge
+    with TestClient(create_app(settings(tiny_model_dir, store))) as c:
+        info = c.get("/v1/teacher").json()
+        assert info["version"] == 2 and info["last_merge"]["checkpoints"] == [ids[1]]
