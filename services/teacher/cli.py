@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -18,6 +19,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         lines = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"teacher serve: {lines}") from e
+    if settings.backend != "openai" and not (Path(settings.model) / "config.json").exists():
+        raise ConfigError(f"no model at {settings.model} (config.json missing); build one with "
+                          f"`gtr tiny-model {settings.model}`")
+    if settings.backend == "vllm":  # say what to install before the server starts, not in a traceback
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("--backend vllm needs vLLM: pip install 'gtr-turbo[vllm]' (see the README)") from e
     serve(create_app(settings), settings.host, settings.port)
     return 0
 
