@@ -421,3 +421,22 @@ def test_restart_after_a_served_checkpoint_was_deleted_builds_a_new_version(tiny
     with TestClient(create_app(settings(tiny_model_dir, store))) as c:
         info = c.get("/v1/teacher").json()
         assert info["version"] == 2 and info["last_merge"]["checkpoints"] == [ids[1]]
+
+
+def test_generation_ignores_the_model_generation_defaults(tiny_model_dir):
+    """A model dir whose generation_config asks for a repetition penalty and no repeated tokens
+    (as Qwen's ship one) must not reshape what /v1/generate samples and reports."""
+    from shared.schemas import GenerateItem, LogitsItem
+
+    model, processor = load_model_and_processor(tiny_model_dir)
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 1
+    backend = HFBackend(tiny_model_dir, loaded=(model, processor))
+    items = [GenerateItem(messages=CHATS[1], max_new_tokens=12, temperature=0.0),
+             GenerateItem(messages=CHATS[0], max_new_tokens=12, temperature=1.0, seed=5)]
+    _, gen = backend.generate(items)
+    assert len(set(gen[0].token_ids)) < len(gen[0].token_ids)  # greedy repeats here: no hidden penalty
+    _, scored = backend.logprobs([LogitsItem(messages=it.messages, completion_ids=g.token_ids)
+                                  for it, g in zip(items, gen, strict=True)])
+    for g, s in zip(gen, scored, strict=True):
+        assert np.allclose(g.logprobs, s.logprobs, atol=1e-4)

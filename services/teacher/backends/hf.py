@@ -113,6 +113,7 @@ class HFBackend(TeacherBackend):
         self._vision_ids = vision_token_ids(self.tokenizer)
         self._vocab = min(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
         self._eos_ids = self._eos_token_ids()
+        self._neutral_generation_config()
         self._lock = threading.Lock()
         self._version = 0
         self._params = dict(self.model.named_parameters())
@@ -153,6 +154,20 @@ class HFBackend(TeacherBackend):
             if i is not None and i != self.tokenizer.unk_token_id and i not in ids:
                 ids.append(i)
         return ids
+
+    def _neutral_generation_config(self) -> None:
+        """Replace the model's generation defaults with ids only.
+
+        `generate` fills every unset option from `model.generation_config` (Qwen2.5-VL ships
+        repetition_penalty 1.05, top_k 1, ...); a processor built from those would run before
+        our sampler and reshape the distribution it draws from and reports.
+        """
+        from transformers import GenerationConfig
+
+        old = self.model.generation_config
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else old.pad_token_id
+        self.model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=self._eos_ids,
+                                                        pad_token_id=pad)
 
     @property
     def version(self) -> int:
