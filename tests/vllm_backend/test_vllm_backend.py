@@ -6,6 +6,9 @@ as deployed), the teacher app through Starlette's TestClient, peft-written LoRA 
 service's own TIES merge, and the hf backend / plain transformers forwards in fp32 as the
 reference. The models are built offline: a tiny Qwen2.5-VL and a tiny text-only Qwen2, both with
 head_dim 32 (vLLM's CPU attention refuses the project's head_dim-16 tiny model).
+
+The directory is `vllm_backend`, not `vllm`: pytest puts `tests/` on sys.path, where a `vllm`
+directory would import as a namespace package and defeat the importorskip below.
 """
 
 from __future__ import annotations
