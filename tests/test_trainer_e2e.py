@@ -144,10 +144,15 @@ def test_gtr_train_and_eval_cli(tmp_path, sft_model, env_url):
     seen: list[dict] = []
     done = threading.Event()
 
+    saved: list[httpx.Response] = []
+
     def poll():  # the trainer's status service answers while it trains
         while not done.is_set():
             try:
                 seen.append(httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=1).json())
+                if seen[-1]["phase"] == "rollout" and seen[-1]["update"] == 0 and not saved:
+                    # save-now during update 1's rollout: written at the next phase boundary
+                    saved.append(httpx.post(f"http://127.0.0.1:{port}/v1/checkpoint", timeout=60))
             except httpx.HTTPError:
                 pass
             done.wait(0.05)
@@ -167,6 +172,7 @@ def test_gtr_train_and_eval_cli(tmp_path, sft_model, env_url):
     assert (tmp_path / "cli" / "config.yaml").exists()
     assert seen and {s["phase"] for s in seen} & {"starting", "rollout", "teacher", "ppo", "checkpoint"}
     assert all(s["updates_total"] == 2 for s in seen)
+    assert saved and saved[0].status_code == 200 and saved[0].json()["ok"]
     out = tmp_path / "eval.json"
     rc = main(["eval", "--model", sft_model["out"], "--adapter", str(tmp_path / "cli" / "checkpoint"), "--env-url",
                env_url, "--env-id", "numberline", "--episodes", "3", "--max-new-tokens", "48", "--out", str(out)])

@@ -62,10 +62,20 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options, cfg.env.timeout_s, cfg.env.retries)
         if cfg.guidance.mode != "none" or cfg.pushes():
             link = TeacherLink(cfg, fingerprint=tokenizer_fingerprint(policy.tokenizer))
+            check_teacher(link, cfg)
+
+        def checkpoint_if_requested() -> None:
+            # POST /v1/checkpoint between phases: weights and optimizer are those after the last
+            # completed update, which is exactly what the counters say.
+            if board.checkpoint_requested.is_set():
+                save_checkpoint(run_dir, policy, optimizer, scheduler, counters, sft_buffer)
+                board.checkpoint_saved()
+
         metrics: dict[str, Any] = {}
         stopped = False
         for update in range(counters.update + 1, cfg.updates + 1):
-            metrics = run_update(cfg, update, policy, optimizer, scheduler, pool, link, sft_buffer, counters, board, writer)
+            metrics = run_update(cfg, update, policy, optimizer, scheduler, pool, link, sft_buffer, counters, board, writer,
+                                 between_phases=checkpoint_if_requested)
             stop = board.stop_requested.is_set()
             if update % cfg.save_every == 0 or update == cfg.updates or stop or board.checkpoint_requested.is_set():
                 board.set_phase("checkpoint")
@@ -92,7 +102,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
 
 def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, scheduler, pool: EnvPool,
                link: TeacherLink | None, sft_buffer: ReplayBuffer | None, counters: Counters, board: StatusBoard,
-               writer: MetricsWriter) -> dict[str, Any]:
+               writer: MetricsWriter, between_phases=lambda: None) -> dict[str, Any]:
     torch.manual_seed(derive_seed(cfg.seed, update, 1))
     rng = np.random.default_rng(derive_seed(cfg.seed, update, 2))
     opt_steps = cfg.ppo.epochs * cfg.minibatches_per_epoch
@@ -105,6 +115,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1))
         seconds_rollout = time.perf_counter() - t0
         steps = rollout.flat()
+        between_phases()
 
         board.set_phase("teacher")
         bar.set_postfix_str("teacher")
@@ -115,6 +126,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         elif cfg.guidance.mode == "sft":
             guide = sft_guidance(link, steps, cfg, policy.tokenizer, sft_buffer, derive_seed(cfg.seed, update, 3))
         seconds_teacher = time.perf_counter() - t0
+        between_phases()
 
         board.set_phase("ppo")
         bar.set_postfix_str("ppo")
@@ -157,6 +169,19 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
              metrics["format_ok_rate"], _fmt(metrics["kl_mean"]), metrics["teacher_version"], seconds_rollout,
              seconds_teacher, seconds_ppo)
     return metrics
+
+
+def check_teacher(link: TeacherLink, cfg: TrainConfig) -> None:
+    """Fail at start-up, not mid-run, when the teacher scores with another tokenizer."""
+    info = link.info()
+    if info is None:
+        log.warning("teacher at %s is not reachable now; updates run unguided until it is", cfg.teacher.url)
+        return
+    if link.fingerprint and info.tokenizer_fingerprint and info.tokenizer_fingerprint != link.fingerprint:
+        raise ValueError(f"the teacher at {cfg.teacher.url} ({info.base_model}) uses another tokenizer "
+                         f"({info.tokenizer_fingerprint} != {link.fingerprint}); serve it on model.path={cfg.model.path}")
+    log.info("teacher: %s backend, base %s, version %d, %d checkpoints", info.backend, info.base_model, info.version,
+             info.checkpoints)
 
 
 def _fmt(v) -> str:
