@@ -303,6 +303,10 @@ def test_background_merge_window_ema_delete(tiny_model_dir, tmp_path, adapters):
         assert rep["stats"]["weights"] == pytest.approx([1 / 3, 2 / 3])  # EMA 0.5: age 1, age 0
         listed = c.get("/v1/checkpoints").json()["checkpoints"]
         assert [x["checkpoint_id"] for x in listed] == ids and listed[1]["rank"] == 8
+        # A retried upload (same weights, same step) is not stored twice.
+        again = c.post("/v1/checkpoints", **files(adapters[2], 2)).json()
+        assert again == {"checkpoint_id": ids[2], "merge_scheduled": False}
+        assert len(c.get("/v1/checkpoints").json()["checkpoints"]) == 3
         assert c.delete(f"/v1/checkpoints/{ids[2]}").status_code == 200
         assert c.delete(f"/v1/checkpoints/{ids[2]}").status_code == 404
         assert c.post("/v1/merge").json()["checkpoints"] == ids[:2]

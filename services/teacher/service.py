@@ -8,6 +8,7 @@ whole; requests keep being served by the previous version meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -105,6 +106,11 @@ class TeacherService:
                 raise TeacherError(409, "base_mismatch",
                                    f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
         adapter = parse_adapter(model_bytes, config_bytes, self._base_shapes)
+        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), step)
+        if same is not None:
+            # A client retrying an upload whose reply it lost: don't count the checkpoint twice.
+            log.info("upload repeats checkpoint %s (same weights and step): not stored again", same.checkpoint_id)
+            return same, False
         item = self.store.add(model_bytes, config_bytes, step, rank=adapter.rank, alpha=adapter.alpha,
                               use_rslora=adapter.use_rslora, modules=len(adapter.factors))
         with self._lock:

@@ -97,6 +97,11 @@ class CheckpointStore:
             raise TeacherError(404, "unknown_checkpoint", f"no checkpoint {checkpoint_id!r}")
         return item
 
+    def find(self, sha256: str, step: int) -> StoredCheckpoint | None:
+        """The stored checkpoint with these exact adapter weights and step, if any."""
+        with self._lock:
+            return next((c for c in self._items.values() if c.sha256 == sha256 and c.step == step), None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
