@@ -94,6 +94,7 @@ class Policy:
         if self._norm is None:
             raise RuntimeError("cannot find the language model's final norm (language_model.norm) for the value head")
         self._hidden: torch.Tensor | None = None
+        self._head_w32: torch.Tensor | None = None
         self._norm.register_forward_hook(self._keep_hidden)
         self.model.eval()
 
@@ -172,8 +173,12 @@ class Policy:
         k = batch.completion_slice()
         self._hidden = None
         with self.autocast():
-            out = self.model(**batch.inputs, logits_to_keep=k + 1, use_cache=False)
-        raw = out.logits[:, :-1, :].float()
+            # The model's own head runs on one position only; the completion logits are computed
+            # below in fp32 from the final hidden states (DESIGN §4: log-probs in fp32, which a
+            # bf16 head would not give on GPU).
+            self.model(**batch.inputs, logits_to_keep=1, use_cache=False)
+        h = self._hidden[:, batch.width - k - 1:batch.width - 1]
+        raw = self._head_fp32(h)
         logits = raw
         if self.suppress_ids:
             mask = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
@@ -186,6 +191,18 @@ class Policy:
         last_prompt = batch.width - 1 - lens  # left padding: every row ends at the right edge
         hidden = self._hidden[torch.arange(len(prompts), device=logits.device), last_prompt]
         return logits, raw, targets, valid, hidden, batch
+
+    def _head_fp32(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        w = head.weight
+        if w.dtype != torch.float32 and not w.requires_grad:
+            if self._head_w32 is None or self._head_w32.device != w.device:
+                self._head_w32 = w.detach().float()  # frozen: cache one fp32 copy
+            w = self._head_w32
+        out = torch.nn.functional.linear(h.float(), w.float())
+        if getattr(head, "bias", None) is not None:
+            out = out + head.bias.float()
+        return out
 
     def score(self, prompts, completions, n_thoughts: Sequence[int], temperature: float, thought_coef: float,
               kl_temperature: float | None = None) -> Scores:
