@@ -54,8 +54,8 @@ fi
 TRANSFORMERS_PIN=$("$VENV/bin/python" -c "import transformers; print(transformers.__version__)")
 CONSTRAINTS=$(mktemp)
 printf 'transformers==%s\n%s\n' "$TRANSFORMERS_PIN" "$TORCH_SPEC" > "$CONSTRAINTS"
-"${PIP[@]}" -c "$CONSTRAINTS" -e . --no-deps
 "${PIP[@]}" -c "$CONSTRAINTS" "peft>=0.17" "pytest>=8.0" "pytest-timeout>=2.3"
+"${PIP[@]}" -c "$CONSTRAINTS" -e . --no-deps
 rm -f "$CONSTRAINTS"
 
 "$VENV/bin/python" - <<'PY'
