@@ -103,3 +103,39 @@ def test_teacher_down_wait_retries_until_it_answers():
     link = _link(handler, on_unavailable="wait", wait_timeout_s=30)
     version, items = link.logprobs([ITEM], 1.0)
     assert version == 4 and items[0].logprobs == [-1.0, -2.0] and calls["logits"] == 3
+
+
+def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(tiny_model):
+    import numpy as np
+
+    from services.trainer.guidance import ReplayBuffer, sft_guidance
+    from services.trainer.rollout import RolloutStep
+    from services.trainer.spans import split_spans
+
+    tok = tiny_model[1].tokenizer
+    good = tok('{"thoughts": "3 is less than 5, so I add one.", "action": "-"}', add_special_tokens=False)["input_ids"]
+    bad = tok("I cannot decide", add_special_tokens=False)["input_ids"]
+    agent = tok('{"thoughts": "hmm", "action": "+"}', add_special_tokens=False)["input_ids"]
+
+    def handler(req: httpx.Request):
+        items = [{"text": tok.decode(ids), "token_ids": ids, "logprobs": [-1.0] * len(ids)} for ids in (good, bad)]
+        return httpx.Response(200, json={"teacher_version": 7, "items": items})
+
+    def step():
+        sp = split_spans(tok, agent)
+        return RolloutStep(prompt=None, messages=[{"role": "user", "content": "hi"}], image=None, tokens=agent, text="",
+                           n_thought=sp.n_thought, thought_ok=True, logprob=0.0, value=0.0, student_thought_lp=None,
+                           env_reward=0.0, reward=0.0, terminated=False, truncated=False, format_ok=True, info={},
+                           env_index=0)
+
+    steps = [step(), step()]
+    buf = ReplayBuffer(8)
+    m = sft_guidance(_link(handler), steps, TrainConfig(guidance={"mode": "sft"}), tok, buf, seed=0)
+    assert m["sft/teacher_parse_rate"] == 0.5 and m["teacher_version"] == 7 and len(buf) == 1  # garbage dropped
+    ex = buf.items[0]
+    n_teacher = split_spans(tok, good).n_thought
+    assert ex.n_thought == n_teacher and ex.ids[:n_teacher] == good[:n_teacher]
+    assert ex.ids[n_teacher:] == agent[split_spans(tok, agent).n_thought:]  # the agent's own action
+    assert tok.decode(ex.ids).endswith('"action": "+"}')
+    assert all(s.teacher_version == 7 for s in steps)
+    assert len(buf.sample(5, np.random.default_rng(0))) == 1
