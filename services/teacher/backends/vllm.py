@@ -24,7 +24,7 @@ import logging
 import math
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -399,12 +399,3 @@ class VLLMBackend(TeacherBackend):
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             log.warning("vLLM engine shutdown failed", exc_info=True)
-
-    def describe(self) -> dict[str, Any]:
-        d = asdict(self.settings)
-        d.update(backend=self.name, is_vl=self.is_vl, max_model_len=self.max_model_len)
-        return d
-
-
-
-VllmBackend = VLLMBackend  # the name used before the service's factory settled on VLLMBackend
