@@ -72,7 +72,7 @@ def run(out_dir: Path) -> dict:
     sft_overhead = (med["none"]["total"] + med["sft"]["teacher"] + max(0.0, med["sft"]["ppo"] - med["none"]["ppo"])) \
         / med["none"]["total"]
     return {
-        "what": "median seconds per PPO update on tiny-cpu (num_envs 8 x num_steps 4, max_new_tokens 48), "
+        "what": "median seconds per PPO update on tiny-cpu (num_envs 8 x num_steps 10, max_new_tokens 48), "
                 f"{ROUNDS} rounds x {UPDATES - 1} counted updates per mode, real env + teacher services on this CPU",
         "seconds_per_update": med,
         "kl_over_none": round(kl_over_none, 3),

@@ -48,7 +48,7 @@ def _cfg(tmp_path, model, env_url, teacher_url, mode, *extra):
     return load_train_config(str(ROOT / "configs/tiny-cpu.yaml"), [
         f"model.path={model}", f"env.url={env_url}", f"teacher.url={teacher_url}", f"guidance.mode={mode}",
         "updates=2", f"run_dir={tmp_path / mode}", "trainer.port=0", "logging.progress=false",
-        "teacher.wait_for_merge_s=30", "generation.max_new_tokens=48", *extra])
+        "teacher.wait_for_merge_s=30", "generation.max_new_tokens=48", "env.num_steps=4", *extra])
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -161,7 +161,7 @@ def test_gtr_train_and_eval_cli(tmp_path, sft_model, env_url):
     t.start()
     try:
         rc = main(["train", "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--set", f"model.path={sft_model['out']}",
-                   "--set", f"env.url={env_url}", "--set", "guidance.mode=none", "--set", "updates=2",
+                   "--set", f"env.url={env_url}", "--set", "guidance.mode=none", "--set", "updates=2", "env.num_steps=3",
                    "--set", f"run_dir={tmp_path / 'cli'}", "--set", "logging.progress=false", "--port", str(port)])
     finally:
         done.set()

@@ -73,6 +73,8 @@ class Rollout:
     """[T][N]."""
     episodes: list[dict[str, Any]] = field(default_factory=list)
     """Episodes that ended during this rollout: return, length, won, task_type."""
+    cut_off: int = 0
+    """Episodes still running when the rollout ended (abandoned: every update starts fresh ones)."""
 
     def flat(self) -> list[RolloutStep]:
         return [s for row in self.steps for s in row]
@@ -149,6 +151,7 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
     # Bootstrap the steps the rollout cut off.
     last = rollout.steps[-1]
     open_envs = [e for e in range(n) if not (last[e].terminated or last[e].truncated)]
+    rollout.cut_off = len(open_envs)
     if open_envs:
         prompts = [encode_prompt(proc, observation_messages(current[e].observation)) for e in open_envs]
         with torch.no_grad():
@@ -163,7 +166,11 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
     eps = rollout.episodes
     m: dict[str, Any] = {
         "episodes": len(eps),
+        "episodes_cut_off": rollout.cut_off,
+        # over the episodes that ended (as RL4VLM reports it) ...
         "success_rate": float(np.mean([e["won"] for e in eps])) if eps else 0.0,
+        # ... and over all episodes of the update, the abandoned ones counted as not won
+        "success_rate_all": float(sum(e["won"] for e in eps) / max(1, len(eps) + rollout.cut_off)),
         "mean_return": float(np.mean([e["return"] for e in eps])) if eps else 0.0,
         "mean_episode_length": float(np.mean([e["length"] for e in eps])) if eps else 0.0,
         "format_ok_rate": float(np.mean([s.format_ok for s in flat])),
