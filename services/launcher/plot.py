@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 PANELS = [
-    ("success_rate", "success rate"),
+    ("success_rate_all", "success rate (rollout episodes, cut-off ones count as lost)"),
     ("mean_return", "mean return"),
     ("kl_mean", "KL(student || teacher), thought tokens"),
     ("teacher_version", "teacher version"),
@@ -32,13 +32,15 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "",
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
+        if key == "success_rate_all" and not any(r.get(key) is not None for r in rows):
+            key, label = "success_rate", "success rate"
         xs = [r["update"] for r in rows if r.get(key) is not None]
         ys = [r[key] for r in rows if r.get(key) is not None]
         ax.plot(xs, ys, marker="o", ms=3)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
-        if key == "success_rate":
+        if key.startswith("success_rate"):
             ax.set_ylim(-0.02, 1.02)
             if before is not None:
                 ax.axhline(before, color="gray", ls="--", lw=1, label=f"eval before: {before:.2f}")
