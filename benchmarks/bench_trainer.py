@@ -38,7 +38,7 @@ def run(out_dir: Path) -> dict:
         base = build_tiny_model(tmp / "tiny", seed=0, size="tiny")
         with running_services(None, None, teacher=False) as (env_url, _):
             sft = run_sft(SFTConfig(model={"path": str(base), "device": "cpu", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-                                    env={"url": env_url, "env_id": "numberline"}, out=str(tmp / "sft"), progress=False))
+                                    env={"url": env_url, "env_id": "numberline"}, lr=1e-2, out=str(tmp / "sft"), progress=False))
             with running_services(sft["out"], tmp / "store", teacher=True, env=False) as (_, teacher_url):
                 t0 = time.perf_counter()
                 for r in range(ROUNDS):

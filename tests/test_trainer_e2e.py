@@ -34,7 +34,7 @@ def env_url(tmp_path_factory):
 def sft_model(env_url, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "model"
     cfg = SFTConfig(model={"path": str(tiny_model_dir), "device": "cpu", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-                    env={"url": env_url, "env_id": "numberline"}, out=str(out), episodes=30, epochs=8, progress=False)
+                    env={"url": env_url, "env_id": "numberline"}, lr=1e-2, out=str(out), episodes=30, epochs=8, progress=False)
     return run_sft(cfg)
 
 
