@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from services.trainer.losses import (cosine_lr_factor, gae, kl_per_token, normalize, ppo_clip_loss, thought_kl,
+from services.trainer.losses import (cosine_lr_factor, entropy, explained_variance, gae, kl_per_token, normalize, ppo_clip_loss, thought_kl,
                                      value_loss)
 
 
@@ -93,3 +93,12 @@ def test_cosine_lr_spans_the_whole_run_and_never_rises():
 def test_normalize():
     x = normalize(torch.tensor([1.0, 2.0, 3.0]))
     assert x.mean().abs() < 1e-6 and x.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_entropy_and_explained_variance():
+    uniform = torch.log(torch.full((2, 4), 0.25))
+    assert torch.allclose(entropy(uniform), torch.full((2,), math.log(4)))
+    peaked = torch.log_softmax(torch.tensor([[50.0, 0.0, 0.0]]), dim=-1)
+    assert entropy(peaked).item() < 1e-6
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert explained_variance(y, y) == 1.0 and explained_variance(torch.zeros(4), y) == pytest.approx(0.0)

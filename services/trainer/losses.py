@@ -86,10 +86,9 @@ def thought_kl(student_lp: torch.Tensor, teacher_lp: torch.Tensor, estimator: st
     return float(kl_per_token(student_lp, teacher_lp, estimator).mean())
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) along the last axis, in fp32."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return -(lp.exp() * lp).sum(-1)
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy along the last axis of a distribution given by its log-probs (e.g. log_softmax)."""
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

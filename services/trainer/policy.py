@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from services.trainer.config import LoraSettings, ModelSettings
-from services.trainer.losses import entropy_from_logits
+from services.trainer.losses import entropy as entropy_of
 from services.trainer.stored_prompt import load_prompt
 from shared.chat import EncodedBatch, encode
 from shared.models import load_model, load_processor, resolve_device, vision_token_ids
@@ -205,9 +205,10 @@ class Policy:
         return out
 
     def score(self, prompts, completions, n_thoughts: Sequence[int], temperature: float, thought_coef: float,
-              kl_temperature: float | None = None) -> Scores:
+              kl_temperature: float | None = None, entropy_grad: bool = True) -> Scores:
         """Log-probs, values and entropy of each (prompt, completion). Gradients flow unless
-        the caller wraps it in torch.no_grad()."""
+        the caller wraps it in torch.no_grad(); `entropy_grad=False` keeps the entropy (a full
+        vocabulary pass) out of the graph when no entropy bonus uses it."""
         logits, raw, targets, valid, hidden, batch = self._forward(prompts, completions)
         k = logits.shape[1]
         lp_all = torch.log_softmax(logits / temperature, dim=-1)
@@ -218,7 +219,8 @@ class Policy:
         thought = valid & (pos < start + torch.tensor(list(n_thoughts), device=logits.device).unsqueeze(1))
         weights = valid.float() + (thought_coef - 1.0) * thought.float()
         logprob = (tok_lp * weights).sum(-1)
-        ent_tok = -(lp_all.exp() * lp_all).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent_tok = entropy_of(lp_all)
         entropy = (ent_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1)
         values = self.value_head(hidden)
         token_lps = [tok_lp[i, k - n:].detach() for i, n in enumerate(batch.completion_lens)]
@@ -251,6 +253,3 @@ class Policy:
         nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (nll * sel).sum() / sel.sum().clamp_min(1)
 
-
-def entropy_mean(logits: torch.Tensor) -> float:
-    return float(entropy_from_logits(logits).mean())

@@ -96,7 +96,8 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                 for ms in range(0, len(mb), p.micro_batch_size):
                     idx = [int(i) for i in mb[ms:ms + p.micro_batch_size]]
                     sc = policy.score([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
-                                      [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef)
+                                      [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef,
+                                      entropy_grad=p.ent_coef > 0)
                     old_logp, adv = batch.old_logp[idx].to(dev), batch.advantages[idx].to(dev)
                     pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef)
                     v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
