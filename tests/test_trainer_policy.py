@@ -47,8 +47,15 @@ def prompts(policy):
 
 
 def test_sampler_draws_from_the_scored_distribution(policy, prompts):
-    torch.manual_seed(0)
-    comps, gen_lps = policy.generate(prompts, temperature=0.8, max_new_tokens=12, with_logprobs=True)
+    # Qwen2.5-VL-Instruct's generation_config.json: none of it may reach the sampler.
+    gc = policy.model.generation_config
+    saved = (gc.top_k, gc.top_p, gc.repetition_penalty)
+    gc.top_k, gc.top_p, gc.repetition_penalty = 1, 0.001, 1.05
+    try:
+        torch.manual_seed(0)
+        comps, gen_lps = policy.generate(prompts, temperature=0.8, max_new_tokens=12, with_logprobs=True)
+    finally:
+        gc.top_k, gc.top_p, gc.repetition_penalty = saved
     with torch.no_grad():
         sc = policy.score(prompts, comps, [0] * len(comps), temperature=0.8, thought_coef=1.0)
     for a, b in zip(sc.token_logprobs, gen_lps, strict=True):

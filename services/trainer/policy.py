@@ -146,12 +146,17 @@ class Policy:
         self.model.eval()
         prompts = [load_prompt(self.processor, p) for p in prompts]
         batch = encode(self.processor, prompts, device=self.device)
+        from transformers import GenerationConfig
+
+        # A fresh config, not the model's generation_config.json (Qwen2.5-VL-Instruct ships
+        # top_k 1, top_p 0.001, repetition_penalty 1.05): nothing the log-prob would not know.
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, suppress_tokens=self.suppress_ids,
+                               pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids),
+                               repetition_penalty=1.0, return_dict_in_generate=True, output_scores=with_logprobs,
+                               use_cache=True, **kw)
         with self.autocast():
-            out = self.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, suppress_tokens=self.suppress_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids),
-                                      repetition_penalty=1.0, return_dict_in_generate=True,
-                                      output_scores=with_logprobs, **kw)
+            out = self.model.generate(**batch.inputs, generation_config=gen)
         new = out.sequences[:, batch.width:]
         completions = []
         for row in new.tolist():
