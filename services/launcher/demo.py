@@ -78,7 +78,8 @@ def run_demo(args: argparse.Namespace) -> int:
         base = build_tiny_model(run_dir / "models" / "small", seed=int(settings.get("model_seed", 0)), size="small")
         phase("build_model", t0)
 
-        group.start("envs", gtr_argv("env", "serve", "--port", str(args.env_port)), url=env_url)
+        group.start("envs", gtr_argv("env", "serve", "--port", str(args.env_port)), url=env_url,
+                    env={"OMP_NUM_THREADS": "1"})
         group.wait_ready("envs", timeout=120)
 
         t0 = time.perf_counter()
@@ -98,7 +99,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
         group.start("teacher", gtr_argv("teacher", "serve", "--backend", "hf", "--model", sft_base,
                                         "--store", str(run_dir / "teacher-store"), "--device", "cpu",
-                                        "--port", str(args.teacher_port)), url=teacher_url)
+                                        "--port", str(args.teacher_port)), url=teacher_url,
+                    # One core for the teacher's forwards and merges: on a 2-core CPU, two processes
+                    # each spinning two OpenMP threads slow each other down tenfold.
+                    env={"OMP_NUM_THREADS": "1"})
         group.wait_ready("teacher", timeout=180)
 
         t0 = time.perf_counter()
