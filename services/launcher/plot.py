@@ -8,8 +8,10 @@ from pathlib import Path
 PANELS = [
     ("success_rate_all", "success rate (rollout episodes, cut-off ones count as lost)"),
     ("mean_return", "mean return"),
+    ("format_ok_rate", "format-valid rate (answers that parse)"),
     ("kl_mean", "KL(student || teacher), thought tokens"),
     ("teacher_version", "teacher version"),
+    ("seconds_update", "seconds per update"),
 ]
 
 
@@ -30,7 +32,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "",
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
         if key == "success_rate_all" and not any(r.get(key) is not None for r in rows):
             key, label = "success_rate", "success rate"
@@ -40,8 +42,9 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "",
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
-        if key.startswith("success_rate"):
+        if key.startswith("success_rate") or key == "format_ok_rate":
             ax.set_ylim(-0.02, 1.02)
+        if key.startswith("success_rate"):
             if before is not None:
                 ax.axhline(before, color="gray", ls="--", lw=1, label=f"eval before: {before:.2f}")
             if after is not None:
