@@ -231,7 +231,9 @@ def bench_merge(device: str | None = None) -> dict:
             "met": all(r["speedup"] > 1 and r["same_merge"] for r in rows)}
 
 
-def bench_logits_http(rounds: int | None = None) -> dict:
+def bench_logits_http(rounds: int | None = None, images: str = "env") -> dict:
+    """images: 'env' = Points24 frames as the env service renders them (the teacher's real
+    traffic, ~5 KB of base64 each); 'noise' = uniform noise, PNG's worst case (~110 KB each)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -250,7 +252,12 @@ def bench_logits_http(rounds: int | None = None) -> dict:
         tok = backend.tokenizer
         items = []
         for b in range(8):
-            img = Image.fromarray(rng.integers(0, 255, (168, 168, 3), dtype=np.uint8))
+            if images == "env":
+                from services.envs.cardgames import Points24Env
+
+                img = Points24Env().reset(seed=b)[0].image
+            else:
+                img = Image.fromarray(rng.integers(0, 255, (168, 168, 3), dtype=np.uint8))
             prompt = ("You are an expert 24 points card game player. You are observing these four cards in the "
                       "image. Output a formula that evaluates to 24. " * (1 + b % 2))
             completion = '{"cards": [1, 2, 3, 4], "formula": "1*2*3*4", "thoughts": "the product is 24", "action": "="}'
@@ -288,7 +295,8 @@ def bench_logits_http(rounds: int | None = None) -> dict:
             server.wait(timeout=30)
         http_s, local_s = statistics.median(t_http), statistics.median(t_local)
         n_tokens = sum(len(i.completion_ids) for i in items)
-        return {"model": "small", "batch": len(items), "completion_tokens": n_tokens, "rounds": rounds,
+        return {"model": "small", "images": images, "request_bytes": len(json.dumps(body)), "batch": len(items),
+                "completion_tokens": n_tokens, "rounds": rounds,
                 "http_median_s": round(http_s, 4), "in_process_median_s": round(local_s, 4),
                 "ratio": round(http_s / local_s, 3), "max_abs_logprob_diff_http_vs_in_process": max_diff,
                 "target": "ratio <= 1.2", "met": http_s / local_s <= 1.2}
@@ -303,7 +311,10 @@ def _free_port() -> int:
 
 
 def run(out_dir: Path) -> dict:
-    return {"merge": bench_merge(), "logits_http": bench_logits_http()}
+    # The headline uses env-rendered frames (what the trainer sends); noise images show the
+    # worst case, where JSON + base64 of ~1 MB per request dominate a small model's forward.
+    return {"merge": bench_merge(), "logits_http": bench_logits_http(images="env"),
+            "logits_http_noise_images": bench_logits_http(images="noise")}
 
 
 if __name__ == "__main__":
