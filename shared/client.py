@@ -13,7 +13,7 @@ import time
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -56,7 +56,9 @@ class ServiceClient:
         self.close()
 
     def request(self, method: str, route: str, *, model: type[M] | None = None, retries: int | None = None,
-                **kwargs: Any) -> Any:
+                adapter: TypeAdapter | None = None, **kwargs: Any) -> Any:
+        """`adapter` (instead of `model`) validates the body's bytes in one pass (`validate_json`):
+        for big bodies ~2x faster than `json.loads` + `model_validate`."""
         attempts = (self.retries if retries is None else retries) + 1
         last: ServiceError | None = None
         for attempt in range(attempts):
@@ -66,6 +68,8 @@ class ServiceClient:
                 last = ServiceError(self.service, method, route, None, f"{type(e).__name__}: {e} (at {self.base_url})")
             else:
                 if r.status_code < 400:
+                    if adapter is not None:
+                        return adapter.validate_json(r.content)
                     data = r.json() if r.content else None
                     return model.model_validate(data) if model is not None else data
                 err = self._error(method, route, r)
