@@ -168,3 +168,21 @@ def test_gtr_up_exits_nonzero_when_a_service_dies(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "teacher exited" in out.stderr
+
+
+def test_trainer_healthcheck_route_answers_on_the_real_app(tmp_path):
+    """The compose healthcheck of the trainer probes a route its real app serves (envs and
+    teacher are probed on live services by the `gtr up` test below)."""
+    from fastapi.testclient import TestClient
+
+    from services.trainer.app import create_app
+    from services.trainer.status import StatusBoard
+
+    port, path = _healthcheck_paths()["trainer"]
+    cmd = compose_config()["services"]["trainer"]["command"]
+    assert f"trainer.port={port}" in cmd
+    board = StatusBoard(1, str(tmp_path), "kl")
+    board.loop_alive.set()
+    with TestClient(create_app(board)) as client:
+        assert client.get(path).status_code == 200
+        assert client.get("/healthz-not-a-route").status_code == 404
