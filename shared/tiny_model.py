@@ -123,11 +123,6 @@ def build_tiny_model(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
     """Build and save the model, tokenizer and image processor; returns the directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    try:
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
-
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     out = Path(out)
@@ -139,15 +134,26 @@ def build_tiny_model(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
     # The default init (std 0.02) leaves a tiny model's output nearly uniform; that is fine
     # for tests and what SFT-init starts from.
     model.eval()
+    return save_model_dir(out, model, tokenizer, max_pixels=SIZES[size]["max_pixels"])
+
+
+def save_model_dir(out: Path, model, tokenizer, max_pixels: int | None = None) -> Path:
+    """Write a loadable model directory: weights, tokenizer, chat template, and (for VL models,
+    `max_pixels` given) an image processor the stock AutoProcessor also understands."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=SIZES[size]["max_pixels"])
-    image_processor.save_pretrained(out)
-    # Make the stock AutoProcessor (GPU images with torchvision) assemble a Qwen2.5-VL processor.
-    pp = json.loads((out / "preprocessor_config.json").read_text())
-    pp["image_processor_type"] = "Qwen2VLImageProcessor"
-    pp["processor_class"] = "Qwen2_5_VLProcessor"
-    (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2, sort_keys=True) + "\n")
+    if max_pixels is not None:
+        try:
+            from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+        except ImportError:
+            from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+        ImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels).save_pretrained(out)
+        # Make the stock AutoProcessor (GPU images with torchvision) assemble a Qwen2.5-VL processor.
+        pp = json.loads((out / "preprocessor_config.json").read_text())
+        pp["image_processor_type"] = "Qwen2VLImageProcessor"
+        pp["processor_class"] = "Qwen2_5_VLProcessor"
+        (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     _normalise_json(out)
     return out

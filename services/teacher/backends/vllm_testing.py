@@ -7,13 +7,12 @@ the rest of the project) but use 2 attention heads of 32 dims.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shared.models import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
-from shared.tiny_model import SPECIAL_TOKENS, _normalise_json, train_tokenizer
+from shared.models import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from shared.tiny_model import SPECIAL_TOKENS, save_model_dir, train_tokenizer
 
 TEXT = dict(vocab=1024, hidden=64, layers=2, heads=2, kv_heads=1, inter=128)
 
@@ -42,21 +41,12 @@ def build_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    _normalise_json(out)
-    return out
+    return save_model_dir(out, model, tokenizer)
 
 
 def build_tiny_vl(out: str | Path, seed: int = 0) -> Path:
     """A Qwen2.5-VL like `gtr tiny-model`'s, with head_dim 32 in the language model."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    try:
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,14 +80,4 @@ def build_tiny_vl(out: str | Path, seed: int = 0) -> Path:
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
-    image_processor.save_pretrained(out)
-    pp = json.loads((out / "preprocessor_config.json").read_text())
-    pp["image_processor_type"] = "Qwen2VLImageProcessor"
-    pp["processor_class"] = "Qwen2_5_VLProcessor"
-    (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    _normalise_json(out)
-    return out
+    return save_model_dir(out, model, tokenizer, max_pixels=112 * 112)
