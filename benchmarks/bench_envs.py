@@ -2,7 +2,7 @@
 
 Both sides play the same seeded action stream (random tokens in the JSON answer format, so
 many are penalised, as early in training) over 32 envs, restarting finished episodes. In
-process: `env.step` (parse, rules, expert plan, the rendered PIL image). Service:
+process: `env.step` (parse, rules, expert plan) and the drawn PIL image of every observation. Service:
 `EnvClient.step_batch(..., auto_reset=True)` over HTTP to `gtr env serve` in its own process
 (the same work, plus PNG + base64, JSON both ways and response parsing on the client). A third
 line encodes every in-process image as PNG too, for reference.
@@ -58,11 +58,12 @@ class InProcess:
         while time.perf_counter() - t0 < seconds:
             for e in self.envs:
                 r = e.step(next(self.actions))
-                if self.encode:  # the encoder the service uses (without its cache)
+                r.observation.image  # what an in-process consumer uses: the drawn frame (drawn on access)
+                if self.encode:  # the encoder the service uses (without its per-frame cache)
                     (r.observation.png or (lambda: to_png_b64(r.observation.image)))()
                 self.steps += 1
                 if r.terminated or r.truncated:
-                    e.reset()
+                    e.reset()[0].image
         self.seconds += time.perf_counter() - t0
         self.cpu += time.process_time() - c0
 

@@ -55,8 +55,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "internal"), status_code=500)
 
 
-def require_token(request: Request) -> None:
-    """Dependency for mutating routes: checks `Authorization: Bearer $GTR_API_TOKEN` when set."""
+async def require_token(request: Request) -> None:
+    """Dependency for mutating routes: checks `Authorization: Bearer $GTR_API_TOKEN` when set.
+    (async: FastAPI would run a plain function in its thread pool, a thread hop per request.)"""
     token = os.environ.get("GTR_API_TOKEN")
     if not token:
         return

@@ -328,6 +328,41 @@ def test_fast_png_encoder_gives_the_rendered_pixels():
         assert (fast == np.asarray(b64_to_image(to_png_b64(obs.image)))).all()
 
 
+def test_png_strips_are_shared_across_hands_and_drawn_only_when_new():
+    """The second hand's frames are assembled from its own top and the first hand's cached strips
+    (the same formula): they must still decode to the second hand's pixels, and be valid PNG
+    (PIL checks the chunk CRCs, zlib the Adler-32)."""
+    from shared.codecs import b64_to_image
+    from services.envs import render
+
+    tokens = "( 7 - 2 ) * ( ( 9".split()
+    for i, (hand, target) in enumerate(((["7H", "2S", "9D", "KC"], 24), (["7C", "2D", "9S", "QH"], 24),
+                                        (["7C", "2D", "9S", "QH"], 12))):
+        env = p24(hand, target=target)
+        obs_list = [env.reset(options={"cards": hand})[0]]
+        obs_list += [env.step(act(t)).observation for t in tokens]
+        drawn_before = [o._image is not None for o in obs_list]
+        pngs = [o.png() for o in obs_list]  # the encoder first: it draws only on a strip miss
+        if i == 1:  # every strip was cached by the first hand: nothing was drawn
+            assert not any(o._image is not None for o in obs_list)
+        for obs, png, was_drawn in zip(obs_list, pngs, drawn_before):
+            assert not was_drawn
+            assert (np.asarray(b64_to_image(png)) == np.asarray(obs.image.convert("RGB"))).all()
+    # the third hand's heading (target 12) differs inside the strip band: its strips were not reused
+    assert len({k[0] for k in render._STRIPS._items}) >= 2
+
+
+def test_adler32_combine_matches_zlib():
+    import zlib
+
+    from services.envs.render import adler32_combine
+
+    rng = np.random.default_rng(0)
+    for n1, n2 in ((0, 5), (1, 0), (100, 70000), (65521, 65521), (200000, 3)):
+        a, b = rng.bytes(n1), rng.bytes(n2)
+        assert adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+
+
 REQUIRED_INFO = {"format_ok", "action_valid", "action", "won", "expert_action", "expert_thoughts", "event"}
 
 

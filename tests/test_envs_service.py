@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -45,9 +47,20 @@ class SlowEnv(ExplodingEnv):
         return super()._act(parsed)
 
 
+class CrashingEnv(ExplodingEnv):
+    """Kills its own process on "die", as a segfault in native env code or the OOM killer would."""
+
+    env_id = "crashing"
+
+    def _act(self, parsed):
+        if parsed.action == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super()._act(parsed)
+
+
 class Server:
     def __init__(self, port: int, **settings):
-        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv}
+        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv}
         self.app = create_app(EnvServiceSettings(port=port, **settings), envs=envs)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -67,9 +80,11 @@ class Server:
         self.thread.join(10)
 
 
-@pytest.fixture
-def server(port):
-    with Server(port, max_sessions=8, ttl_s=600) as s:
+@pytest.fixture(params=[2, 0], ids=["procs2", "procs0"])
+def server(port, request):
+    """The service with two env worker processes (the default on two cores), and with the envs in
+    the service process (`procs: 0`): every test below runs against both."""
+    with Server(port, max_sessions=8, ttl_s=600, procs=request.param) as s:
         yield s
 
 
@@ -224,8 +239,9 @@ def test_a_slow_step_does_not_block_other_sessions(client):
     assert out[0].error is None and out[1].error is None
 
 
-def test_max_sessions_and_ttl(port):
-    with Server(port, max_sessions=2, ttl_s=0.5) as s, EnvClient(s.url, retries=0) as c:
+@pytest.mark.parametrize("procs", [2, 0])
+def test_max_sessions_and_ttl(port, procs):
+    with Server(port, max_sessions=2, ttl_s=0.5, procs=procs) as s, EnvClient(s.url, retries=0) as c:
         a = c.create("numberline").session_id
         c.create("numberline")
         with pytest.raises(ServiceError) as e:
@@ -295,3 +311,45 @@ def test_batched_auto_reset_restarts_finished_episodes(client):
     assert out[0].reset.observation.image and out[1].reset is None
     out = client.step_batch([(a, act("(")), (b, act("("))])  # the new episode goes on, no 409
     assert out[0].error is None and out[0].info["formula"] == "(" and out[1].info["formula"] == "( ("
+
+
+def test_batch_spreads_over_worker_processes_in_order(server, client):
+    sids = [client.create("points24", seed=i).session_id for i in range(6)]
+    manager = server.app.state.sessions
+    assert len({id(manager._where[sid]) for sid in sids}) == max(1, manager.procs)  # spread evenly
+    out = client.step_batch([(sid, act(a)) for sid, a in zip(sids, ["(", "(", "=", "(", "zzz", "("])])
+    assert [o.session_id for o in out] == sids and all(o.error is None for o in out)
+    assert [o.info["formula"] for o in out] == ["(", "(", "", "(", "", "("]
+    assert out[2].terminated and out[4].reward == -1.0 and not out[4].info["action_valid"]
+    again = client.step_batch([(sid, act("(")) for sid in sids[3:]])  # each session keeps its own state
+    assert [o.info["formula"] for o in again] == ["( (", "(", "( ("]
+
+
+@pytest.mark.parametrize("procs", [2])
+def test_a_dead_worker_fails_its_sessions_only(port, procs):
+    with Server(port, max_sessions=16, ttl_s=600, procs=procs) as s, EnvClient(s.url, retries=0) as c:
+        manager = s.app.state.sessions
+        victim = c.create("crashing").session_id
+        doomed_pid = manager._where[victim].process.pid
+        others = [c.create("points24", seed=i).session_id for i in range(3)]
+        same = [o for o in others if manager._where[o] is manager._where[victim]]
+        apart = [o for o in others if manager._where[o] is not manager._where[victim]]
+        assert same and apart
+        with pytest.raises(ServiceError) as e:
+            c.step(victim, act("die"))
+        assert e.value.status == 409 and e.value.error == "session_failed" and "exited with code -9" in e.value.detail
+        for sid in same:  # the dead worker's other sessions fail too, and say why
+            with pytest.raises(ServiceError) as e:
+                c.step(sid, act("("))
+            assert e.value.status == 409 and f"pid {doomed_pid}" in e.value.detail
+        out = c.step_batch([(apart[0], act("(")), (same[0], act("("))])
+        assert out[0].error is None and out[1].error.error == "session_failed"
+        assert httpx.get(s.url + "/readyz").status_code == 200
+        fresh = [c.create("points24", seed=9).session_id for _ in range(2)]  # a new worker takes new sessions
+        assert all(c.step(f, act("(")).info["formula"] == "(" for f in fresh)
+        assert doomed_pid not in {p.process.pid for p in manager.shards}
+        for sid in [victim, *same]:
+            c.delete(sid)  # failed sessions can still be deleted
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'env_session_failures_total{env_id="crashing"} 1.0' in metrics
+        assert "env_worker_deaths_total 1.0" in metrics

@@ -29,16 +29,38 @@ class EnvUnavailable(RuntimeError):
     """The env cannot run here (a missing extra, missing data); the message says what to install."""
 
 
-@dataclass
 class Obs:
-    text: str
-    instruction: str
-    image: Image.Image | None = None
-    admissible_actions: list[str] | None = None
-    image_key: Hashable | None = None
-    """Identifies the image's content (same key, same pixels), so its PNG can be reused."""
-    png: Callable[[], str] | None = None
-    """A faster encoder of `image` to base64 PNG, where the env has one."""
+    """What an env shows after a reset or step. The image may be given drawn, or as `draw` (called
+    on first access of `.image`): the service sends a cached PNG where it has one for `image_key`,
+    and then never needs the pixels."""
+
+    __slots__ = ("text", "instruction", "admissible_actions", "image_key", "png", "_image", "_draw")
+
+    def __init__(self, text: str, instruction: str, image: Image.Image | None = None,
+                 admissible_actions: list[str] | None = None, image_key: Hashable | None = None,
+                 png: Callable[[], str] | None = None, draw: Callable[[], Image.Image] | None = None):
+        self.text = text
+        self.instruction = instruction
+        self.admissible_actions = admissible_actions
+        self.image_key = image_key
+        """Identifies the image's content (same key, same pixels), so its PNG can be reused."""
+        self.png = png
+        """A faster encoder of the image to base64 PNG, where the env has one."""
+        self._image = image
+        self._draw = draw
+
+    @property
+    def has_image(self) -> bool:
+        return self._image is not None or self._draw is not None
+
+    @property
+    def image(self) -> Image.Image | None:
+        if self._image is None and self._draw is not None:
+            self._image, self._draw = self._draw(), None
+        return self._image
+
+    def __repr__(self) -> str:
+        return f"Obs(text={self.text!r}, image={'yes' if self.has_image else 'no'}, image_key={self.image_key!r})"
 
 
 @dataclass

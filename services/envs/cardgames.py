@@ -179,13 +179,16 @@ class CardFormulaEnv(TextActionEnv):
         return " ".join(self.formula) if self.formula else "(empty)"
 
     def _obs(self) -> Obs:
-        img = render.draw_formula(render.card_table(tuple(self.cards), self.target), self.formula)
         text = f"Current formula: {self._formula_text()}"
         if self.options.get("text_state"):
             text = f"Cards: {', '.join(card_name(r, s) for r, s in self.cards)}. " + text
-        table = (tuple(self.cards), self.target)
-        return Obs(text=text, instruction=self.instruction(), image=img, image_key=(*table, tuple(self.formula)),
-                   png=lambda: render.split_png_b64(img, table))
+        table, formula = (tuple(self.cards), self.target), tuple(self.formula)
+        obs = Obs(text=text, instruction=self.instruction(), image_key=(*table, formula),
+                  draw=lambda: render.draw_formula(render.card_table(*table), list(formula)))
+        # The strip under the cards shows only the formula: its PNG bytes are shared across hands,
+        # and the frame is drawn only when they are not cached yet.
+        obs.png = lambda: render.split_png_b64(table, render.bare_table(*table), formula, lambda: obs.image)
+        return obs
 
     def instruction(self) -> str:
         raise NotImplementedError

@@ -11,7 +11,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shared.server import serve
 
     given = {k: v for k, v in {"host": args.host, "port": args.port, "max_sessions": args.max_sessions,
-                               "ttl_s": args.ttl, "workers": args.workers, "alfworld_data": args.alfworld_data}.items()
+                               "ttl_s": args.ttl, "procs": args.procs, "workers": args.workers, "alfworld_data": args.alfworld_data}.items()
              if v is not None}
     settings = EnvServiceSettings(**given)
     serve(create_app(settings), settings.host, settings.port, log_level=args.uvicorn_log_level)
@@ -27,7 +27,12 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8100, help="port (default 8100)")
     p.add_argument("--max-sessions", type=int, default=None, help="open sessions at most (env GTR_ENV_MAX_SESSIONS, default 256)")
     p.add_argument("--ttl", type=float, default=None, help="idle seconds before a session expires (env GTR_ENV_TTL_S, default 1800)")
-    p.add_argument("--workers", type=int, default=None, help="env worker threads (env GTR_ENV_WORKERS, default 4)")
+    p.add_argument("--procs", type=int, default=None,
+                   help="env worker processes: sessions are spread over them so that a batched step uses that many "
+                        "cores; 0 runs the envs in the service process (env GTR_ENV_PROCS, default min(4, CPUs))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads per env worker process, so that a slow step never blocks other sessions "
+                        "(env GTR_ENV_WORKERS, default 4)")
     p.add_argument("--alfworld-data", default=None, help="alfworld-download tree (env ALFWORLD_DATA; default: bundled games)")
     p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=_serve)

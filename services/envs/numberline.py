@@ -90,7 +90,8 @@ class NumberLineEnv(TextActionEnv):
                 f'time. Answer with {{"thoughts": "...", "action": "+"}} or "-".')
 
     def _obs(self) -> Obs:
-        img = render.number_line(self.goal, self.position, self.options["max_position"])
+        goal, position, max_position = self.goal, self.position, self.options["max_position"]
         text = f"Target: {self.goal}. Current: {self.position}." if self.options["text_state"] else ""
         key = (self.env_id, self.goal, self.position, self.options["max_position"])
-        return Obs(text=text, instruction=self.instruction(), image=img, image_key=key)
+        return Obs(text=text, instruction=self.instruction(), image_key=key,
+                   draw=lambda: render.number_line(goal, position, max_position))

@@ -1,14 +1,14 @@
 """Sessions: one env each, a TTL, a maximum count, and failures kept to the session that failed.
 
-No FastAPI here. Every env call runs in a thread pool (`SessionManager.run`), one at a time per
-session (a lock each), so a slow ALFWorld step never blocks the event loop or other sessions.
+No FastAPI and no event loop here: the methods are plain calls, made from an env worker's threads
+(services/envs/workers.py), one at a time per session (a lock each). A batch's slow-env steps run
+in the manager's own pool, so a slow ALFWorld step does not hold back the rest of the batch.
 An exception inside an env marks its session failed: that call and every later one get
 `SessionFailed` (the app answers 409) until the session is deleted; the service carries on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -62,7 +62,7 @@ class PngCache:
         self.hits = self.misses = 0
 
     def encode(self, obs: Obs) -> str | None:
-        if obs.image is None:
+        if not obs.has_image:
             return None
         key = obs.image_key
         encode = obs.png or (lambda: to_png_b64(obs.image))
@@ -108,9 +108,6 @@ class SessionManager:
         self._on_step = on_step or (lambda env_id, seconds: None)
         self._on_failure = on_failure or (lambda env_id: None)
 
-    async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
     def shutdown(self) -> None:
         for sid, session in list(self._sessions.items()):
             if session is not None:
@@ -127,7 +124,8 @@ class SessionManager:
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def create(self, env_id: str, seed: int | None, options: dict[str, Any]) -> tuple[str, dict[str, Any], dict]:
+    def create(self, env_id: str, seed: int | None, options: dict[str, Any], session_id: str | None = None
+               ) -> tuple[str, dict[str, Any], dict]:
         with self._guard:
             if len(self._sessions) >= self.max_sessions:
                 self._reap_locked()
@@ -135,7 +133,7 @@ class SessionManager:
                 raise TooManySessions(f"{self.max_sessions} sessions are open (the maximum); delete some or wait "
                                       f"for idle ones to expire after {self.ttl_s:.0f}s")
             # Reserve the slot before the (possibly slow) env construction.
-            sid = uuid.uuid4().hex
+            sid = session_id or uuid.uuid4().hex
             self._sessions[sid] = None  # type: ignore[assignment]
         try:
             env = self.registry.make(env_id, options)
@@ -171,10 +169,10 @@ class SessionManager:
             except Exception:  # noqa: BLE001 - closing a broken env must not fail the delete
                 log.warning("closing session %s raised", session_id, exc_info=True)
 
-    def _reap_locked(self) -> int:
+    def _reap_locked(self) -> list[str]:
         now = time.monotonic()
         expired = [sid for sid, s in self._sessions.items() if s is not None and now - s.last_used > self.ttl_s]
-        closed = 0
+        closed: list[str] = []
         for sid in expired:
             session = self._sessions[sid]
             if not session.lock.acquire(blocking=False):  # a step is running: not idle after all
@@ -186,12 +184,13 @@ class SessionManager:
                 log.warning("closing expired session %s raised", sid, exc_info=True)
             finally:
                 session.lock.release()
-            closed += 1
+            closed.append(sid)
         if closed:
-            log.info("expired %d idle session(s)", closed)
+            log.info("expired %d idle session(s)", len(closed))
         return closed
 
-    def reap(self) -> int:
+    def reap(self) -> list[str]:
+        """Close the sessions idle for longer than the TTL; their ids."""
         with self._guard:
             return self._reap_locked()
 
@@ -244,27 +243,26 @@ class SessionManager:
                 out.append((idx, e))
         return out
 
-    async def step_batch(self, steps: list[tuple[str, str]], auto_reset: bool = False) -> list[dict[str, Any] | Exception]:
-        """Run a batch: steps of one session stay in order. The cheap envs' steps all run in one
-        worker job (they are GIL-bound Python: spreading them over threads only added lock
-        contention, +60% CPU per step measured); each slow env (ALFWorld) gets its own job, so
-        one slow step does not hold the others back."""
+    def is_fast(self, session_id: str) -> bool:
+        """Whether the session's env steps cheaply (unknown sessions count as fast: they fail at once)."""
+        session = self._sessions.get(session_id)
+        return session is None or getattr(session.env, "fast", True)
+
+    def step_batch(self, steps: list[tuple[str, str]], auto_reset: bool = False) -> list[dict[str, Any] | Exception]:
+        """Run a batch: steps of one session stay in order. The cheap envs' steps all run in the
+        calling thread (they are GIL-bound Python: spreading them over threads only added lock
+        contention, +60% CPU per step measured); each slow env (ALFWorld) gets its own job in the
+        pool, so one slow step does not hold the others back."""
         by_session: dict[str, list[tuple[int, str, str]]] = {}
         for idx, (sid, action) in enumerate(steps):
             by_session.setdefault(sid, []).append((idx, sid, action))
         fast: list[tuple[int, str, str]] = []
         slow: list[list[tuple[int, str, str]]] = []
         for sid, items in by_session.items():
-            session = self._sessions.get(sid)
-            if session is not None and getattr(session.env, "fast", True):
-                fast.extend(items)
-            else:
-                slow.append(items)
-        chunks = [fast] if fast else []
-        jobs = ([self.run(self.step_group, c, auto_reset) for c in chunks if c]
-                + [self.run(self.step_group, g, auto_reset) for g in slow])
+            (fast.extend if self.is_fast(sid) else slow.append)(items)
+        jobs = [self.executor.submit(self.step_group, g, auto_reset) for g in slow]
         results: list[dict[str, Any] | Exception] = [None] * len(steps)  # type: ignore[list-item]
-        for group in await asyncio.gather(*jobs):
+        for group in [self.step_group(fast, auto_reset), *(j.result() for j in jobs)]:
             for idx, res in group:
                 results[idx] = res
         return results
