@@ -52,7 +52,8 @@ def json_response(data: bytes) -> Response:
     return Response(data, media_type="application/json")
 
 
-def get_sessions(request: Request) -> Sessions:
+async def get_sessions(request: Request) -> Sessions:
+    """async: FastAPI runs a plain-function dependency in its thread pool (a hop per request)."""
     return request.app.state.sessions
 
 

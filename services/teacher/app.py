@@ -36,7 +36,7 @@ class Metrics:
         self.merge_seconds = Gauge("teacher_last_merge_seconds", "Duration of the last merge", registry=self.registry)
 
 
-def get_service(request: Request) -> TeacherService:
+async def get_service(request: Request) -> TeacherService:
     svc = getattr(request.app.state, "service", None)
     if svc is None:
         raise ApiError(503, "not_ready", "the teacher is still loading")

@@ -19,7 +19,7 @@ from shared.server import ApiError, install_error_handlers, metrics_response, re
 log = logging.getLogger(__name__)
 
 
-def get_board(request: Request) -> StatusBoard:
+async def get_board(request: Request) -> StatusBoard:
     return request.app.state.board
 
 
