@@ -352,6 +352,24 @@ def test_png_strips_are_shared_across_hands_and_drawn_only_when_new():
     assert len({k[0] for k in render._STRIPS._items}) >= 2
 
 
+@pytest.mark.parametrize("cls", [Points24Env, EZPointsEnv])
+def test_prefetch_prepares_the_next_hand_without_changing_the_game(cls):
+    from services.envs import render
+    from services.envs.formula import solutions
+
+    a, b = cls(), cls()
+    a.reset(seed=5)
+    b.reset(seed=5)
+    for _ in range(3):
+        a.prefetch()  # twice in a row: still the same next hand
+        a.prefetch()
+        solved = solutions.cache_info().misses
+        info_a, info_b = a.reset()[1], b.reset()[1]
+        assert info_a == info_b  # the same hand, expert and all, as without prefetching
+        assert solutions.cache_info().misses == solved  # the reset found its hand solved
+        assert ((tuple(a.cards), a.target), render.STRIP_TOP) in render._TOPS._items  # and its table encoded
+
+
 def test_adler32_combine_matches_zlib():
     import zlib
 

@@ -353,3 +353,24 @@ def test_a_dead_worker_fails_its_sessions_only(port, procs):
         metrics = httpx.get(s.url + "/metrics").text
         assert 'env_session_failures_total{env_id="crashing"} 1.0' in metrics
         assert "env_worker_deaths_total 1.0" in metrics
+
+
+def test_idle_workers_prepare_next_resets():
+    from services.envs.registry import Registry
+    from services.envs.sessions import SessionManager
+
+    m = SessionManager(Registry(), workers=1)
+    try:
+        a, _, _ = m.create("points24", 1, {})
+        b, _, _ = m.create("numberline", 1, {})
+        assert m.prefetch_one() and m.prefetch_one() and not m.prefetch_one()  # each created session once
+        m.step(a, act("("), auto_reset=True)
+        assert not m.prefetch_one()  # a step that did not reset leaves nothing to prepare
+        out = m.step(a, act("="), auto_reset=True)
+        assert "reset" in out and m.prefetch_one() and not m.prefetch_one()
+        m.reset(b, None, None)
+        with m.get(b).lock:  # a session busy with a step is skipped (dropped), never waited for
+            assert not m.prefetch_one()
+        assert not m.prefetch_one()
+    finally:
+        m.shutdown()

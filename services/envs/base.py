@@ -108,6 +108,11 @@ class TextActionEnv:
     def close(self) -> None:
         pass
 
+    def prefetch(self) -> None:
+        """Do ahead of time what makes the next unseeded reset slow (e.g. solving the next hand),
+        into caches, without changing the env's state or its generator. The env service calls
+        it while a worker is idle between requests; the default does nothing."""
+
     # -- gymnasium-style API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
         if seed is not None:

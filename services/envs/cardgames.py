@@ -14,6 +14,8 @@ with the defects of DESIGN §5.8 fixed. The differences, all listed in the READM
 
 from __future__ import annotations
 
+import copy
+
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -92,6 +94,17 @@ class CardFormulaEnv(TextActionEnv):
         info = self._info(ParsedAnswer(True), None, True, event="reset")
         info["format_ok"] = True
         return self._obs(), info
+
+    def prefetch(self) -> None:
+        """Solve the hand the next unseeded reset will deal and encode its table, on a copy of the
+        generator (a reset's cost is mostly these two; with `solvable_only`, the first deal)."""
+        generator, self.np_random = self.np_random, copy.deepcopy(self.np_random)
+        try:
+            cards = self._deal()
+        finally:
+            self.np_random = generator
+        completion([self.card_value(r) for r, _ in cards], self.target, (), self.arith_ops)
+        render.prefetch_table(tuple(cards), self.target)
 
     def _parse_cards(self, cards: Any) -> list[tuple[int, str]]:
         """A hand given at reset, e.g. ["8H", "3S", "QD", "AC"] (rank A,2..10,J,Q,K then suit H/S/D/C)."""

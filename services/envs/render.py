@@ -306,6 +306,11 @@ def _strip(key, draw: Callable[[], Image.Image], strip_top: int):
     return _STRIPS.get(key, make)
 
 
+def prefetch_table(cards: tuple[tuple[int, str], ...], target: int | None) -> None:
+    """Build and deflate a hand's table ahead of its first frame (what `split_png_b64` would)."""
+    _top(((cards, target), STRIP_TOP), bare_table(cards, target), STRIP_TOP)
+
+
 def split_png_b64(key, base: Image.Image, strip_key, draw: Callable[[], Image.Image], strip_top: int = STRIP_TOP) -> str:
     """Base64 PNG of the palette image `draw()`, which equals `base` (same palette) above
     `strip_top` and whose rows below are fully determined by `base`'s and `strip_key` (what was

@@ -105,6 +105,7 @@ class SessionManager:
         self.workers = workers
         self._sessions: dict[str, Session] = {}
         self._guard = threading.Lock()
+        self._prefetch_due: OrderedDict[str, None] = OrderedDict()  # sessions whose next reset is not prepared
         self._on_step = on_step or (lambda env_id, seconds: None)
         self._on_failure = on_failure or (lambda env_id: None)
 
@@ -146,6 +147,7 @@ class SessionManager:
             raise
         with self._guard:
             self._sessions[sid] = session
+        self._prefetch_due[sid] = None
         return sid, observation_dict(obs), info
 
     def get(self, session_id: str) -> Session:
@@ -214,6 +216,7 @@ class SessionManager:
                 raise SessionFailed(f"session {session_id} failed: {session.failed}")
             session.last_used = time.monotonic()
             obs, info = self._guarded(session, lambda: session.env.reset(seed=seed, options=options))
+        self._prefetch_due[session_id] = None
         return observation_dict(obs), info
 
     def step(self, session_id: str, action: str, auto_reset: bool = False) -> dict[str, Any]:
@@ -229,6 +232,7 @@ class SessionManager:
             if auto_reset and (result.terminated or result.truncated):
                 obs, info = self._guarded(session, lambda: session.env.reset())
                 out["reset"] = {"observation": observation_dict(obs), "info": info}
+                self._prefetch_due[session_id] = None
         self._on_step(session.env_id, time.perf_counter() - t0)
         return out
 
@@ -242,6 +246,28 @@ class SessionManager:
             except Exception as e:  # noqa: BLE001 - reported per item (the session is already marked)
                 out.append((idx, e))
         return out
+
+    def prefetch_one(self) -> bool:
+        """Prepare one session's next reset (`TextActionEnv.prefetch`), for a worker with nothing
+        else to do; False when none is due. A busy session is skipped: its step may reset it."""
+        while self._prefetch_due:
+            try:
+                sid, _ = self._prefetch_due.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                return False
+            session = self._sessions.get(sid)
+            if session is None or session.failed or not getattr(session.env, "fast", True):
+                continue
+            if not session.lock.acquire(blocking=False):
+                continue
+            try:
+                session.env.prefetch()
+            except Exception:  # noqa: BLE001 - only a cache warm-up: the real reset will report the error
+                log.debug("prefetch for session %s raised", sid, exc_info=True)
+            finally:
+                session.lock.release()
+            return True
+        return False
 
     def is_fast(self, session_id: str) -> bool:
         """Whether the session's env steps cheaply (unknown sessions count as fast: they fail at once)."""

@@ -114,6 +114,9 @@ class Shard:
     def reap(self) -> list[str]:
         return self.manager.reap()
 
+    def prefetch_one(self) -> bool:
+        return self.manager.prefetch_one()
+
     def probe(self) -> None:
         """Deal and step a Points24 episode (exercises the env code path)."""
         registry = self.manager.registry
@@ -188,6 +191,10 @@ def _worker_main(rx, tx, envs: dict[str, type[TextActionEnv]], defaults: dict, t
         tx.send(("hello", os.getpid()))
     try:
         while True:
+            # Idle between requests (the trainer is computing its next actions): prepare the
+            # sessions' next resets, one at a time, until a request arrives.
+            while not rx.poll(0) and shard.prefetch_one():
+                pass
             try:
                 msg = rx.recv()
             except (EOFError, OSError):  # the service went away
