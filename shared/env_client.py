@@ -36,9 +36,8 @@ class EnvClient:
     """Typed calls to the env service, on top of `ServiceClient` (timeouts, retries, errors)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 120.0, retries: int = 4,
-                 token: str | None = None, transport=None):
-        self.http = ServiceClient(base_url, service="envs", timeout=timeout, retries=retries, token=token,
-                                  transport=transport)
+                 token: str | None = None):
+        self.http = ServiceClient(base_url, service="envs", timeout=timeout, retries=retries, token=token)
 
     def close(self) -> None:
         self.http.close()

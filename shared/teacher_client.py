@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
-
 from shared.client import ServiceClient
 from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
                             GenerateResponse, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
@@ -22,9 +20,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 class TeacherClient(ServiceClient):
     def __init__(self, base_url: str = "http://127.0.0.1:8200", timeout: float = 300.0, retries: int = 4,
-                 token: str | None = None, transport: httpx.BaseTransport | None = None, **kw):
-        super().__init__(base_url, service="teacher", timeout=timeout, retries=retries, token=token,
-                         transport=transport, **kw)
+                 token: str | None = None, **kw):
+        super().__init__(base_url, service="teacher", timeout=timeout, retries=retries, token=token, **kw)
 
     def info(self) -> TeacherInfo:
         return self.get("/v1/teacher", model=TeacherInfo)

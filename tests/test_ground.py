@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import threading
+import logging
+import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,6 +18,7 @@ from shared.codecs import CodecError, b64_to_image, bytes_to_tensors, image_to_b
 from shared.config import ConfigError, StrictModel, apply_overrides, load_config
 from shared.models import load_model_and_processor, tokenizer_fingerprint, vision_token_ids
 from shared.tiny_model import build_tiny_model
+from fake_http import serve
 
 
 def _chat(img=None, text="You are playing 24 points."):
@@ -151,14 +152,14 @@ class _Echo(BaseModel):
 def test_client_retries_then_succeeds():
     calls = {"n": 0}
 
-    def handler(request: httpx.Request):
+    def handler(method, path, body):
         calls["n"] += 1
         if calls["n"] < 3:
-            return httpx.Response(503, json={"error": "not_ready", "detail": "loading"})
-        return httpx.Response(200, json={"value": 7})
+            return 503, {"error": "not_ready", "detail": "loading"}
+        return 200, {"value": 7}
 
-    c = ServiceClient("http://teacher", service="teacher", backoff=0.01, transport=httpx.MockTransport(handler))
-    assert c.get("/v1/x", model=_Echo).value == 7
+    with serve(handler) as url, ServiceClient(url, service="teacher", backoff=0.01) as c:
+        assert c.get("/v1/x", model=_Echo).value == 7
     assert calls["n"] == 3
 
 
@@ -173,14 +174,34 @@ def test_client_gives_up_with_clear_error(port):
 def test_client_does_not_retry_4xx():
     calls = {"n": 0}
 
-    def handler(request):
+    def handler(method, path, body):
         calls["n"] += 1
-        return httpx.Response(409, json={"error": "conflict", "detail": "tokenizer mismatch"})
+        return 409, {"error": "conflict", "detail": "tokenizer mismatch"}
 
-    c = ServiceClient("http://t", service="teacher", backoff=0.01, transport=httpx.MockTransport(handler))
-    with pytest.raises(ServiceError, match="409.*tokenizer mismatch"):
-        c.get("/v1/teacher")
+    with serve(handler) as url, ServiceClient(url, service="teacher", backoff=0.01) as c:
+        with pytest.raises(ServiceError, match="409.*tokenizer mismatch"):
+            c.get("/v1/teacher")
     assert calls["n"] == 1
+
+
+def test_client_survives_an_idle_keep_alive_and_keeps_the_base_path(caplog):
+    """uvicorn closes a keep-alive connection after 5 s idle; the next request must not fail on
+    it (not even a step, which is never retried)."""
+    seen = []
+
+    def handler(method, path, body):
+        seen.append((method, path, body))
+        return 200, {"value": len(seen)}
+
+    with serve(handler) as url, ServiceClient(url + "/api/", service="envs", retries=0) as c:
+        assert c.post("/v1/x", json=_Echo(value=3), model=_Echo).value == 1
+        time.sleep(6)
+        with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+            assert c.post("/v1/y", json={"a": [1, "é"]}) == {"value": 2}
+        assert "Resetting dropped connection" in caplog.text  # the idle connection was closed: reconnected
+        assert c.delete("/v1/z") == {"value": 3}
+    assert seen == [("POST", "/api/v1/x", {"value": 3}), ("POST", "/api/v1/y", {"a": [1, "é"]}),
+                    ("DELETE", "/api/v1/z", None)]
 
 
 def test_cli_help_lists_commands(capsys):

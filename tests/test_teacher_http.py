@@ -10,6 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -95,8 +96,6 @@ def test_client_and_query_cli_over_http(tiny_model_dir, tmp_path, port, capsys):
 
 
 def metrics_has(url: str, name: str) -> bool:
-    import httpx
-
     return name in httpx.get(f"{url}/metrics").text
 
 
@@ -167,7 +166,7 @@ def test_openai_backend_against_a_fake_api(tmp_path, monkeypatch):
         with pytest.raises(ServiceError) as e:
             client.generate(GenerateRequest(items=[GenerateItem(messages=msgs, max_new_tokens=4)]))
         assert e.value.status == 502
-        assert client._http.get("/readyz").status_code == 503
+        assert httpx.get(url + "/readyz").status_code == 503
 
 
 def test_python_dash_m_serves_with_the_cli_flags(tiny_model_dir, tmp_path, port):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -15,6 +15,7 @@ from services.trainer.status import StatusBoard
 from shared.client import ServiceError
 from shared.schemas import LogitsItem
 from shared.teacher_client import TeacherClient
+from fake_http import serve
 
 
 @pytest.fixture
@@ -72,36 +73,38 @@ def test_mutating_routes_need_the_token(board, monkeypatch):
     assert c.get("/v1/status").status_code == 200  # reads stay open
 
 
+@contextmanager
 def _link(handler, **teacher):
+    """A TeacherLink to a fake teacher served over real HTTP by `handler(method, path, body)`."""
     cfg = TrainConfig(teacher={"retries": 0, **teacher})
-    client = TeacherClient("http://teacher", retries=0, backoff=0.01, transport=httpx.MockTransport(handler))
-    return TeacherLink(cfg, client=client)
+    with serve(handler) as url, TeacherClient(url, retries=0, backoff=0.01) as client:
+        yield TeacherLink(cfg, client=client)
 
 
 ITEM = LogitsItem(messages=[{"role": "user", "content": "hi"}], completion_ids=[5, 6])
 
 
 def test_teacher_down_skip_returns_none_and_conflicts_raise():
-    link = _link(lambda req: httpx.Response(503, json={"error": "not_ready", "detail": "loading"}))
-    assert link.logprobs([ITEM], 1.0) is None
-    link = _link(lambda req: httpx.Response(409, json={"error": "conflict", "detail": "tokenizer mismatch"}))
-    with pytest.raises(ServiceError, match="tokenizer mismatch"):
-        link.logprobs([ITEM], 1.0)
+    with _link(lambda *req: (503, {"error": "not_ready", "detail": "loading"})) as link:
+        assert link.logprobs([ITEM], 1.0) is None
+    with _link(lambda *req: (409, {"error": "conflict", "detail": "tokenizer mismatch"})) as link:
+        with pytest.raises(ServiceError, match="tokenizer mismatch"):
+            link.logprobs([ITEM], 1.0)
 
 
 def test_teacher_down_wait_retries_until_it_answers():
     calls = {"logits": 0}
 
-    def handler(req: httpx.Request):
-        if req.url.path == "/readyz":
-            return httpx.Response(200, json={"status": "ok"})
+    def handler(method, path, body):
+        if path == "/readyz":
+            return 200, {"status": "ok"}
         calls["logits"] += 1
         if calls["logits"] < 3:
-            return httpx.Response(503, json={"error": "not_ready", "detail": "loading"})
-        return httpx.Response(200, json={"teacher_version": 4, "items": [{"token_ids": [5, 6], "logprobs": [-1.0, -2.0]}]})
+            return 503, {"error": "not_ready", "detail": "loading"}
+        return 200, {"teacher_version": 4, "items": [{"token_ids": [5, 6], "logprobs": [-1.0, -2.0]}]}
 
-    link = _link(handler, on_unavailable="wait", wait_timeout_s=30)
-    version, items = link.logprobs([ITEM], 1.0)
+    with _link(handler, on_unavailable="wait", wait_timeout_s=30) as link:
+        version, items = link.logprobs([ITEM], 1.0)
     assert version == 4 and items[0].logprobs == [-1.0, -2.0] and calls["logits"] == 3
 
 
@@ -117,9 +120,9 @@ def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(ti
     bad = tok("I cannot decide", add_special_tokens=False)["input_ids"]
     agent = tok('{"thoughts": "hmm", "action": "+"}', add_special_tokens=False)["input_ids"]
 
-    def handler(req: httpx.Request):
+    def handler(method, path, body):
         items = [{"text": tok.decode(ids), "token_ids": ids, "logprobs": [-1.0] * len(ids)} for ids in (good, bad)]
-        return httpx.Response(200, json={"teacher_version": 7, "items": items})
+        return 200, {"teacher_version": 7, "items": items}
 
     def step():
         sp = split_spans(tok, agent)
@@ -130,7 +133,8 @@ def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(ti
 
     steps = [step(), step()]
     buf = ReplayBuffer(8)
-    m = sft_guidance(_link(handler), steps, TrainConfig(guidance={"mode": "sft"}), tok, buf, seed=0)
+    with _link(handler) as link:
+        m = sft_guidance(link, steps, TrainConfig(guidance={"mode": "sft"}), tok, buf, seed=0)
     assert m["sft/teacher_parse_rate"] == 0.5 and m["teacher_version"] == 7 and len(buf) == 1  # garbage dropped
     ex = buf.items[0]
     n_teacher = split_spans(tok, good).n_thought
