@@ -3,14 +3,16 @@
 Both sides play the same seeded action stream (random tokens in the JSON answer format, so
 many are penalised, as early in training) over 32 envs, restarting finished episodes. In
 process: `env.step` (parse, rules, expert plan) and the drawn PIL image of every observation. Service:
-`EnvClient.step_batch(..., auto_reset=True)` over HTTP to `gtr env serve` in its own process
-(the same work, plus PNG + base64, JSON both ways and response parsing on the client). A third
-line encodes every in-process image as PNG too, for reference.
+`EnvClient.step_batch(..., auto_reset=True)` over HTTP to `gtr env serve` in its own process with
+its default env worker processes (min(4, CPUs)): the same steps, PNG + base64 instead of the
+drawn image, JSON both ways and response parsing on the client. Reference lines: the in-process
+loop also encoding every frame as PNG, and the service with `--procs 0` (envs in the service
+process).
 
 The sides alternate in short rounds so that load from other processes hits them alike
 (measured in one run, reported as ratios). Target: the service keeps >= 50% of in-process.
-CPU seconds are reported beside wall time (service: client + server process), as steps per
-CPU-second, which a busy machine disturbs less than throughput.
+CPU seconds are reported beside wall time (service: client + server process + its worker
+processes), as steps per CPU-second, which a busy machine disturbs less than throughput.
 """
 
 from __future__ import annotations
@@ -73,23 +75,27 @@ class InProcess:
 
 
 def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of another process (Linux /proc); 0 where unavailable."""
+    """User + system CPU seconds of another process and its children (the env worker
+    processes), from Linux /proc; 0 where unavailable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, ValueError, IndexError):
         return 0.0
+    return own + sum(_proc_cpu(int(c)) for c in children)
 
 
 class ThroughService:
-    def __init__(self):
+    def __init__(self, procs: int | None = None):
         from shared.env_client import EnvClient
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         root = Path(__file__).resolve().parents[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.envs", "--port", str(port)], cwd=root,
+        flags = [] if procs is None else ["--procs", str(procs)]  # default: min(4, CPUs) worker processes
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.envs", "--port", str(port), *flags], cwd=root,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = EnvClient(f"http://127.0.0.1:{port}", retries=0)
         self.client.wait_ready(60)
@@ -126,27 +132,31 @@ def run(out_dir: Path) -> dict:
     from services.envs.formula import solutions
 
     solutions.cache_clear()  # the service process starts cold too
-    service = ThroughService()
+    service, service0 = ThroughService(), ThroughService(procs=0)
     local, local_png = InProcess(encode=False), InProcess(encode=True)
     try:
         for _ in range(ROUNDS):
-            for side in (service, local, local_png):
+            for side in (service, local, local_png, service0):
                 side.run(SECONDS / ROUNDS)
     finally:
         service.close()
-    s, l, lp = service.figures(), local.figures(), local_png.figures()
+        service0.close()
+    s, l, lp, s0 = service.figures(), local.figures(), local_png.figures(), service0.figures()
     ratio = s["steps_per_s"] / l["steps_per_s"]
     return {
         "benchmark": "points24 steps/s, in process vs env service (32 sessions, batched step, auto_reset)",
         "in_process": l,
         "in_process_with_png": lp,
         "service_batched": s,
+        "service_batched_procs0": s0,
         "service_over_in_process": round(ratio, 3),
         "service_over_in_process_with_png": round(s["steps_per_s"] / lp["steps_per_s"], 3),
         "service_over_in_process_per_cpu_s": round(s["steps_per_cpu_s"] / l["steps_per_cpu_s"], 3),
+        "service_procs0_over_in_process": round(s0["steps_per_s"] / l["steps_per_s"], 3),
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
         "sessions": N_SESSIONS,
+        "service_procs": min(4, os.cpu_count() or 1),
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
