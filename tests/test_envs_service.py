@@ -58,9 +58,20 @@ class CrashingEnv(ExplodingEnv):
         return super()._act(parsed)
 
 
+class StallingEnv(ExplodingEnv):
+    """A cheap env (stepped in the worker's main thread) that stalls on "stall"."""
+
+    env_id = "stalling"
+
+    def _act(self, parsed):
+        if parsed.action == "stall":
+            time.sleep(1.5)
+        return super()._act(parsed)
+
+
 class Server:
     def __init__(self, port: int, **settings):
-        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv}
+        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv, "stalling": StallingEnv}
         self.app = create_app(EnvServiceSettings(port=port, **settings), envs=envs)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -374,3 +385,34 @@ def test_idle_workers_prepare_next_resets():
         assert not m.prefetch_one()
     finally:
         m.shutdown()
+
+
+def test_requests_piling_up_at_a_stalled_worker_never_block_the_service(port):
+    """More than a pipe's worth (1 MB) of requests for a worker that is stuck: they wait in the
+    service's writer thread, the other worker's sessions are served meanwhile, all complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Server(port, max_sessions=16, ttl_s=600, procs=2) as s, EnvClient(s.url, retries=0) as c:
+        where = s.app.state.sessions._where
+        sids = [c.create("stalling").session_id for _ in range(4)]
+        stuck = [x for x in sids if where[x] is where[sids[0]]]
+        free = [x for x in sids if where[x] is not where[sids[0]]]
+        big = act("y" * 300_000)  # parsed, found unknown, penalised: a big request all the same
+
+        def call(fn):
+            with EnvClient(s.url, retries=0) as own:
+                return fn(own)
+
+        with ThreadPoolExecutor(8) as pool:
+            stall = pool.submit(call, lambda k: k.step(stuck[0], act("stall")))
+            time.sleep(0.3)
+            piled = [pool.submit(call, lambda k: k.step_batch([(stuck[1], big)] * 2)) for _ in range(4)]
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert c.step(free[0], act("fine")).info["action"] == "fine"
+            assert time.monotonic() - t0 < 0.5  # served while the other worker is stuck
+            assert not stall.done()
+            assert any(t.name.endswith("-writer") for t in threading.enumerate())  # the pipe is full
+            assert stall.result(30).info["action"] == "stall"
+            assert all(len(f.result(30)) == 2 for f in piled)
+        assert c.step(stuck[1], act("fine")).info["action"] == "fine"

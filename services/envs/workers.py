@@ -2,11 +2,11 @@
 
 A thread pool in one process is GIL-bound: Python envs (the card games, ALFWorld's engine) never
 step in parallel there. Here the service process keeps only HTTP and a table of which shard holds
-which session; each shard is a `LocalShard` (a `SessionManager` with its own thread pool) living
-in a worker process (`ProcessShard`), or in the service process itself when `procs` is 0.
+which session; each shard is a `Shard` (a `SessionManager` and its envs) living in a worker
+process (`ProcessShard`), or in the service process itself when `procs` is 0 (`LocalShard`).
 
     service process (FastAPI)            worker process k (spawned)
-    Sessions: sid -> shard    --pipe-->  LocalShard -> SessionManager -> envs
+    Sessions: sid -> shard    --pipe-->  Shard -> SessionManager -> envs
               answers 4xx     <--pipe--  replies: JSON bytes, errors by name, metric events
 
 A batched step is split by shard and the shards step at once; the replies are JSON bytes made in
@@ -21,17 +21,21 @@ network: requests are built here from validated HTTP bodies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import itertools
 import logging
 import multiprocessing as mp
 import os
 import signal
+import struct
 import sys
+import termios
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 import pydantic_core
@@ -211,11 +215,21 @@ def _worker_main(rx, tx, envs: dict[str, type[TextActionEnv]], defaults: dict, t
         shard.close()
 
 
-def _grow_pipe(conn) -> None:
+def _grow_pipe(conn) -> int:
+    """Make a pipe hold 1 MB (Linux; elsewhere it keeps its size); its size in bytes."""
     try:
-        fcntl.fcntl(conn.fileno(), 1031, _PIPE_BYTES)  # F_SETPIPE_SZ (Linux); elsewhere the default
+        fcntl.fcntl(conn.fileno(), 1031, _PIPE_BYTES)  # F_SETPIPE_SZ
+        return fcntl.fcntl(conn.fileno(), 1032)  # F_GETPIPE_SZ
     except (OSError, AttributeError):
-        pass
+        return 0  # unknown: every request goes through the writer thread
+
+
+def _unread(fd: int) -> int:
+    """Bytes written into a pipe and not read yet."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return _PIPE_BYTES
 
 
 class ProcessShard:
@@ -231,6 +245,10 @@ class ProcessShard:
         req_rx, self._tx = ctx.Pipe(duplex=False)
         self._rx, rep_tx = ctx.Pipe(duplex=False)
         _grow_pipe(rep_tx)
+        self._tx_size = _grow_pipe(self._tx)
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._writer_busy = False
+        self._send_lock = threading.Lock()
         self.process = ctx.Process(target=_worker_main, name=f"env-worker-{index}", daemon=True,
                                    args=(req_rx, rep_tx, envs, defaults, ttl_s, threads, logging.getLogger().level))
         self.process.start()
@@ -303,17 +321,48 @@ class ProcessShard:
         fut = self._loop.create_future()
         self._pending[req_id] = fut
         try:
-            self._tx.send((req_id, op, args))
+            self._send(ForkingPickler.dumps((req_id, op, args)))
         except (OSError, ValueError) as e:
             self._pending.pop(req_id, None)
             raise SessionFailed(f"env worker process {self.index} is gone ({e}); delete the session and create a new one") from e
         return await fut
 
+    def _send(self, buf: bytes) -> None:
+        """Write a request without ever blocking the event loop: straight into the pipe when it
+        surely has room, else through a writer thread. (Were the loop blocked on a full request
+        pipe, it would stop reading replies; a worker blocked on a full reply pipe stops reading
+        requests: both would wait forever.)"""
+        with self._send_lock:
+            # Room counted in whole pages, as the kernel fills them, with two to spare.
+            room = self._tx_size - (_unread(self._tx.fileno()) // 4096 + 2) * 4096
+            if not self._writer_busy and room >= len(buf) + 16:
+                self._tx.send_bytes(buf)
+                return
+            self._backlog.append(buf)
+            if not self._writer_busy:
+                self._writer_busy = True
+                threading.Thread(target=self._drain, name=f"env-worker-{self.index}-writer", daemon=True).start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._send_lock:
+                if not self._backlog:
+                    self._writer_busy = False
+                    return
+                buf = self._backlog.popleft()
+            try:
+                self._tx.send_bytes(buf)  # may wait for the worker; the loop keeps reading replies
+            except (OSError, ValueError):  # the worker is gone: its reader fails what is pending
+                with self._send_lock:
+                    self._backlog.clear()
+                    self._writer_busy = False
+                return
+
     async def close(self, timeout: float = 10.0) -> None:
         self._closing = True
         if self.dead is None:
             try:
-                self._tx.send(None)  # the worker closes its sessions and exits
+                self._send(ForkingPickler.dumps(None))  # the worker closes its sessions and exits
             except (OSError, ValueError):
                 pass
         await asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout)
@@ -424,7 +473,8 @@ class Sessions:
         return out
 
     def _forget(self, sid: str, shard: AnyShard | None = None) -> None:
-        shard = shard or self._where.get(sid)
+        if shard is None:  # (not `or`: an empty LocalShard is falsy)
+            shard = self._where.get(sid)
         self._where.pop(sid, None)
         self._env_of.pop(sid, None)
         if isinstance(shard, ProcessShard):
