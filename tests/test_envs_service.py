@@ -408,10 +408,8 @@ def test_requests_piling_up_at_a_stalled_worker_never_block_the_service(port):
             time.sleep(0.3)
             piled = [pool.submit(call, lambda k: k.step_batch([(stuck[1], big)] * 2)) for _ in range(4)]
             time.sleep(0.3)
-            t0 = time.monotonic()
             assert c.step(free[0], act("fine")).info["action"] == "fine"
-            assert time.monotonic() - t0 < 0.5  # served while the other worker is stuck
-            assert not stall.done()
+            assert not stall.done()  # served while the other worker is still stuck
             assert any(t.name.endswith("-writer") for t in threading.enumerate())  # the pipe is full
             assert stall.result(30).info["action"] == "stall"
             assert all(len(f.result(30)) == 2 for f in piled)
