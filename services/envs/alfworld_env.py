@@ -45,7 +45,11 @@ WIN_REWARD = 50.0
 INVALID_PENALTY = 1.0
 _BANNER = re.compile(r"-= Welcome to TextWorld, ALFRED! =-\s*")
 
-_LOAD_LOCK = threading.Lock()  # fast-downward's PDDL translator is plain Python with module state
+# One engine call at a time in a process: fast-downward's PDDL translator (load, reset) and
+# TextWorld's command grammar (a module-global tatsu parser, used by every step) keep module state;
+# concurrent steps corrupted it ("IndexError: pop from empty list", found with 8 sessions on 4
+# threads). ALFWorld sessions step in parallel across the service's worker processes instead.
+_ENGINE_LOCK = threading.RLock()
 
 
 def alfworld_status() -> tuple[bool, str]:
@@ -234,14 +238,15 @@ class AlfWorldEnv(TextActionEnv):
 
     def close(self) -> None:
         if self._env is not None:
-            self._env.close()
+            with _ENGINE_LOCK:
+                self._env.close()
             self._env = None
 
     # -- engine ------------------------------------------------------------------------------------
     def _load(self, gamefile: Path) -> None:
         textworld, Demangler, Expert, ExpertType, Infos, _, _ = self._modules
         infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=True, extras=["gamefile", "expert_plan"])
-        with _LOAD_LOCK:
+        with _ENGINE_LOCK:
             if self._env is not None:
                 self._env.close()
             self._env = textworld.start(str(gamefile), infos,
@@ -274,7 +279,7 @@ class AlfWorldEnv(TextActionEnv):
         _THREAD_RANDOM.use(self.expert_rng)
         if gamefile != self._gamefile:
             self._load(gamefile)
-        with _LOAD_LOCK:  # a reset translates the PDDL problem again
+        with _ENGINE_LOCK:  # a reset translates the PDDL problem again
             state = self._env.reset()
         self.steps = 0
         text = _BANNER.sub("", state["feedback"]).strip()
@@ -292,7 +297,8 @@ class AlfWorldEnv(TextActionEnv):
         won = False
         if valid:
             _THREAD_RANDOM.use(self.expert_rng)
-            state, _, done = self._env.step(action)
+            with _ENGINE_LOCK:
+                state, _, done = self._env.step(action)
             self._update(state)
             won = bool(state["won"])
             feedback = state["feedback"].strip()
