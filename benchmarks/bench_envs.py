@@ -13,6 +13,9 @@ The sides alternate in short rounds so that load from other processes hits them 
 (measured in one run, reported as ratios). Target: the service keeps >= 50% of in-process.
 CPU seconds are reported beside wall time (service: client + server process + its worker
 processes), as steps per CPU-second, which a busy machine disturbs less than throughput.
+
+A second figure, under "alfworld": 8 ALFWorld sessions (bundled games, expert actions) batched
+through the service with its worker processes vs `--procs 0`, alternating likewise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 N_SESSIONS = 32
 SECONDS = float(os.environ.get("GTR_BENCH_SECONDS", 6.0))  # per side, split into rounds
 ROUNDS = 12
+ALFWORLD_SECONDS = float(os.environ.get("GTR_BENCH_ALFWORLD_SECONDS", 8.0))  # per side
 TARGET_RATIO = 0.5
 
 
@@ -87,7 +91,10 @@ def _proc_cpu(pid: int) -> float:
 
 
 class ThroughService:
-    def __init__(self, procs: int | None = None):
+    """Batched steps against a served env: Points24 with the random stream, or (`env_id=
+    "alfworld"`) each session playing its expert's action."""
+
+    def __init__(self, procs: int | None = None, env_id: str = "points24", sessions: int = N_SESSIONS):
         from shared.env_client import EnvClient
 
         with socket.socket() as s:
@@ -97,9 +104,11 @@ class ThroughService:
         flags = [] if procs is None else ["--procs", str(procs)]  # default: min(4, CPUs) worker processes
         self.proc = subprocess.Popen([sys.executable, "-m", "services.envs", "--port", str(port), *flags], cwd=root,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = EnvClient(f"http://127.0.0.1:{port}", retries=0)
+        self.client = EnvClient(f"http://127.0.0.1:{port}", retries=0, timeout=300)
         self.client.wait_ready(60)
-        self.sids = [self.client.create("points24", seed=i).session_id for i in range(N_SESSIONS)]
+        created = [self.client.create(env_id, seed=i) for i in range(sessions)]
+        self.sids = [c.session_id for c in created]
+        self.expert = {c.session_id: c.info["expert_action"] for c in created} if env_id == "alfworld" else None
         self.actions = _actions(0)
         self.steps, self.batches, self.resets, self.seconds, self.cpu = 0, 0, 0, 0.0, 0.0
 
@@ -107,11 +116,17 @@ class ThroughService:
         c0 = time.process_time() + _proc_cpu(self.proc.pid)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            out = self.client.step_batch([(sid, next(self.actions)) for sid in self.sids], auto_reset=True)
-            for res in out:
+            if self.expert is None:
+                batch = [(sid, next(self.actions)) for sid in self.sids]
+            else:
+                batch = [(sid, json.dumps({"thoughts": "", "action": self.expert[sid] or "look"})) for sid in self.sids]
+            out = self.client.step_batch(batch, auto_reset=True)
+            for sid, res in zip(self.sids, out):
                 if res.error is not None:
                     raise RuntimeError(f"step failed: {res.error}")
                 self.resets += res.reset is not None
+                if self.expert is not None:
+                    self.expert[sid] = (res.reset.info if res.reset is not None else res.info)["expert_action"]
             self.steps += len(out)
             self.batches += 1
         self.seconds += time.perf_counter() - t0
@@ -143,6 +158,31 @@ def run(out_dir: Path) -> dict:
         service0.close()
     s, l, lp, s0 = service.figures(), local.figures(), local_png.figures(), service0.figures()
     ratio = s["steps_per_s"] / l["steps_per_s"]
+    return {**_points24(s, l, lp, s0, ratio), "alfworld": _alfworld()}
+
+
+def _alfworld() -> dict:
+    """ALFWorld (bundled games, expert actions), 8 sessions batched: worker processes vs `--procs
+    0`. Within a process the engine takes one call at a time (its parser keeps module state)."""
+    from services.envs.alfworld_env import alfworld_status
+
+    if not alfworld_status()[0]:
+        return {"skipped": "alfworld is not installed"}
+    sides = {"default_procs": ThroughService(env_id="alfworld", sessions=8),
+             "procs0": ThroughService(procs=0, env_id="alfworld", sessions=8)}
+    try:
+        for _ in range(4):
+            for side in sides.values():
+                side.run(ALFWORLD_SECONDS / 4)
+    finally:
+        for side in sides.values():
+            side.close()
+    f = {name: side.figures() for name, side in sides.items()}
+    return {"benchmark": "alfworld steps/s, 8 sessions, batched, expert actions", **f,
+            "default_over_procs0": round(f["default_procs"]["steps_per_s"] / f["procs0"]["steps_per_s"], 3)}
+
+
+def _points24(s: dict, l: dict, lp: dict, s0: dict, ratio: float) -> dict:
     return {
         "benchmark": "points24 steps/s, in process vs env service (32 sessions, batched step, auto_reset)",
         "in_process": l,

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -69,9 +70,20 @@ class StallingEnv(ExplodingEnv):
         return super()._act(parsed)
 
 
+class PrefetchProbeEnv(ExplodingEnv):
+    """Leaves a file behind when the service asks it to prepare its next reset."""
+
+    env_id = "prefetch-probe"
+    default_options = {"marker": ""}
+
+    def prefetch(self):
+        Path(self.options["marker"]).write_text("prepared")
+
+
 class Server:
     def __init__(self, port: int, **settings):
-        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv, "stalling": StallingEnv}
+        envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv, "stalling": StallingEnv,
+                "prefetch-probe": PrefetchProbeEnv}
         self.app = create_app(EnvServiceSettings(port=port, **settings), envs=envs)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -414,3 +426,27 @@ def test_requests_piling_up_at_a_stalled_worker_never_block_the_service(port):
             assert stall.result(30).info["action"] == "stall"
             assert all(len(f.result(30)) == 2 for f in piled)
         assert c.step(stuck[1], act("fine")).info["action"] == "fine"
+
+
+def test_an_idle_worker_prepares_the_next_reset(port, tmp_path):
+    marker = tmp_path / "prepared"
+    with Server(port, max_sessions=4, ttl_s=600, procs=2) as s, EnvClient(s.url, retries=0) as c:
+        c.create("prefetch-probe", options={"marker": str(marker)})
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()  # nobody asked: the worker did it while waiting for requests
+
+
+def test_env_classes_a_worker_cannot_import_get_a_clear_error():
+    from fastapi.testclient import TestClient
+
+    class Local(ExplodingEnv):  # defined in a function: not importable by name
+        env_id = "local"
+
+    app = create_app(EnvServiceSettings(procs=2), envs={**ENVS, "local": Local})
+    with pytest.raises(RuntimeError, match="importable by name.*--procs 0"):
+        with TestClient(app):
+            pass
+    with TestClient(create_app(EnvServiceSettings(procs=0), envs={**ENVS, "local": Local})) as c:
+        assert c.post("/v1/sessions", json={"env_id": "local"}).status_code == 200

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-
 from collections import Counter
 from typing import Any, ClassVar
 

@@ -19,8 +19,8 @@ import threading
 import zlib
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -313,8 +313,9 @@ def prefetch_table(cards: tuple[tuple[int, str], ...], target: int | None) -> No
 
 def split_png_b64(key, base: Image.Image, strip_key, draw: Callable[[], Image.Image], strip_top: int = STRIP_TOP) -> str:
     """Base64 PNG of the palette image `draw()`, which equals `base` (same palette) above
-    `strip_top` and whose rows below are fully determined by `base`'s and `strip_key` (what was
-    drawn there). `key` names `base`. `draw` is called only when that strip is not cached."""
+    `strip_top` and whose rows below are fully determined by `base`'s rows there and `strip_key`
+    (what was drawn on them). `key` names `base`. `draw` is called only when that strip is not
+    cached."""
     head, pre, top_adler, top_crc, bare = _top((key, strip_top), base, strip_top)
     body, strip_adler, strip_len = _strip((bare, strip_top, strip_key), draw, strip_top)
     tail = body + struct.pack(">I", adler32_combine(top_adler, strip_adler, strip_len))

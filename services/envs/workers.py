@@ -27,6 +27,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import struct
 import sys
@@ -408,6 +409,12 @@ class Sessions:
                             self._apply_events, self._shard_died)
 
     async def start(self) -> None:
+        if self.procs:
+            try:  # the worker processes get the env classes by name
+                pickle.dumps(self.registry.envs)
+            except Exception as e:  # noqa: BLE001 - say what to do instead of a traceback from a child
+                raise RuntimeError(f"env worker processes need env classes importable by name (defined at module "
+                                   f"level): {e}; define them so, or serve with procs 0 (--procs 0)") from e
         if self.procs == 0:
             self.shards = [LocalShard(self.registry, self.ttl_s, self.threads,
                                       lambda env_id, seconds: self._on_steps(env_id, [seconds]), self._on_failure)]
