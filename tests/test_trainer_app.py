@@ -135,7 +135,7 @@ def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(ti
     buf = ReplayBuffer(8)
     with _link(handler) as link:
         m = sft_guidance(link, steps, TrainConfig(guidance={"mode": "sft"}), tok, buf, seed=0)
-    assert m["sft/teacher_parse_rate"] == 0.5 and m["teacher_version"] == 7 and len(buf) == 1  # garbage dropped
+    assert m["sft/teacher_parse_rate"] == 0.5 and m["teacher/version"] == 7 and len(buf) == 1  # garbage dropped
     ex = buf.items[0]
     n_teacher = split_spans(tok, good).n_thought
     assert ex.n_thought == n_teacher and ex.ids[:n_teacher] == good[:n_teacher]

@@ -30,12 +30,20 @@ def _train(args: argparse.Namespace) -> int:
         log.warning("signal %d: finishing the current update, saving, then exiting (again to abort)", signum)
         board.stop_requested.set()
 
+    server = None
+    if cfg.trainer.port:  # the status service (DESIGN §3.3) reads the board the loop writes
+        from services.trainer.app import ServerThread, create_app
+
+        server = ServerThread(create_app(board), cfg.trainer.host, cfg.trainer.port).start()
+        log.info("trainer service on http://%s:%d (/v1/status, /metrics)", cfg.trainer.host, cfg.trainer.port)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         summary = train(cfg, board=board)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.stop()
     print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": _short(summary["last"])}, indent=2))
     return 0
 

@@ -14,22 +14,97 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from services.trainer.config import TrainConfig
 from services.trainer.losses import kl_per_token
-from services.trainer.rollout import RolloutStep
 from services.trainer.spans import split_spans
 from services.trainer.stored_prompt import StoredPrompt
 from shared.client import RETRY_STATUS, ServiceError
 from shared.schemas import CheckpointUploadResponse, GenerateItem, GenerateRequest, LogitsItem, LogitsRequest, TeacherInfo
 from shared.teacher_client import TeacherClient
 
+if TYPE_CHECKING:  # rollout imports this module for the guidance strategies
+    from services.trainer.rollout import RolloutStep
+
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------------- strategies
+
+
+def kl_temperature(cfg: TrainConfig) -> float:
+    """The one temperature both KL sides score at: the student's per-thought log-probs in the
+    rollout and the teacher's /v1/logits. Untempered logits by default, else the sampling T."""
+    return 1.0 if cfg.guidance.kl_temperature == "untempered" else cfg.generation.temperature
+
+
+class Guidance:
+    """What the training loop asks of a guidance mode, one object per `guidance.mode`
+    (`make_guidance`); this base is `none`: no teacher, no shaping, no SFT loss."""
+
+    mode = "none"
+    uses_teacher = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    @property
+    def student_kl_temperature(self) -> float | None:
+        """The rollout keeps each thought token's student log-prob at this temperature (None: not needed)."""
+        return None
+
+    @property
+    def kl_beta(self) -> float:
+        """The coefficient of A' = A - beta * KL_t in build_batch."""
+        return 0.0
+
+    def new_buffer(self) -> "ReplayBuffer | None":
+        """The SFT replay buffer, saved in checkpoints (None when the mode has no SFT loss)."""
+        return None
+
+    def guide(self, link: "TeacherLink | None", steps: "list[RolloutStep]", tokenizer,
+              buffer: "ReplayBuffer | None", seed: int) -> dict[str, Any]:
+        """Ask the teacher about this update's steps; stores per-step results; returns metrics."""
+        return {"teacher/kl_mean": None, "teacher/unavailable": 0}
+
+
+class KLGuidance(Guidance):
+    mode = "kl"
+    uses_teacher = True
+
+    @property
+    def student_kl_temperature(self) -> float:
+        return kl_temperature(self.cfg)
+
+    @property
+    def kl_beta(self) -> float:
+        return self.cfg.guidance.beta
+
+    def guide(self, link, steps, tokenizer, buffer, seed) -> dict[str, Any]:
+        return kl_guidance(link, steps, self.cfg)
+
+
+class SFTGuidance(Guidance):
+    mode = "sft"
+    uses_teacher = True
+
+    def new_buffer(self) -> "ReplayBuffer":
+        return ReplayBuffer(self.cfg.guidance.sft_buffer_size)
+
+    def guide(self, link, steps, tokenizer, buffer, seed) -> dict[str, Any]:
+        return sft_guidance(link, steps, self.cfg, tokenizer, buffer, seed)
+
+
+GUIDANCE: dict[str, type[Guidance]] = {"none": Guidance, "kl": KLGuidance, "sft": SFTGuidance}
+
+
+def make_guidance(cfg: TrainConfig) -> Guidance:
+    return GUIDANCE[cfg.guidance.mode](cfg)
 
 
 class TeacherLink:
@@ -124,7 +199,7 @@ def push_adapter(link: TeacherLink, policy, step: int, cfg: TrainConfig, known_v
 # --------------------------------------------------------------------------------- KL variant
 
 
-def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -> dict[str, Any]:
+def kl_guidance(link: TeacherLink, steps: "list[RolloutStep]", cfg: TrainConfig) -> dict[str, Any]:
     """Send each step's chat and its sampled thought tokens to /v1/logits; store KL_t per step.
 
     Steps with no parseable thought get no KL term (their format penalty already applies).
@@ -133,16 +208,15 @@ def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -
     guided = [s for s in steps if s.thought_ok and s.n_thought > 0]
     m: dict[str, Any] = {"teacher/unavailable": 0, "teacher/guided_frac": len(guided) / max(1, len(steps))}
     if not guided:
-        m["kl_mean"] = 0.0
+        m["teacher/kl_mean"] = 0.0
         info = link.info()  # nothing to score: still say which teacher is current
-        m["teacher_version"] = info.version if info else None
+        m["teacher/version"] = info.version if info else None
         m["teacher/unavailable"] = int(info is None)
         return m
-    temperature = 1.0 if g.kl_temperature == "untempered" else cfg.generation.temperature
     items = [LogitsItem(messages=s.messages, completion_ids=s.tokens[:s.n_thought]) for s in guided]
-    res = link.logprobs(items, temperature)
+    res = link.logprobs(items, kl_temperature(cfg))
     if res is None:
-        m.update({"teacher/unavailable": 1, "kl_mean": None, "teacher/guided_frac": 0.0})
+        m.update({"teacher/unavailable": 1, "teacher/kl_mean": None, "teacher/guided_frac": 0.0})
         return m
     version, results = res
     kls, raw = [], []
@@ -155,8 +229,8 @@ def kl_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig) -
         s.kl, s.kl_tokens, s.teacher_version = float(k.mean()), k.tolist(), version
         kls.append(s.kl)
         raw.append(float((s.student_thought_lp - teacher_lp).mean()))
-    m.update({"kl_mean": float(np.mean(kls)), "teacher/kl_max": float(np.max(kls)),
-              "teacher/k1_unclipped_mean": float(np.mean(raw)), "teacher_version": version})
+    m.update({"teacher/kl_mean": float(np.mean(kls)), "teacher/kl_max": float(np.max(kls)),
+              "teacher/k1_unclipped_mean": float(np.mean(raw)), "teacher/version": version})
     return m
 
 
@@ -200,13 +274,13 @@ class ReplayBuffer:
             self.items.append(SFTExample(StoredPrompt.from_state(d["prompt"]), d["ids"].tolist(), int(d["n_thought"])))
 
 
-def sft_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig, tokenizer, buffer: ReplayBuffer,
+def sft_guidance(link: TeacherLink, steps: "list[RolloutStep]", cfg: TrainConfig, tokenizer, buffer: ReplayBuffer,
                  seed: int) -> dict[str, Any]:
     """Ask the teacher for a thought on each step's observation; keep the ones that parse."""
     g = cfg.guidance
     items = [GenerateItem(messages=s.messages, max_new_tokens=g.teacher_max_new_tokens or cfg.generation.max_new_tokens,
                           temperature=g.teacher_temperature, seed=seed + i) for i, s in enumerate(steps)]
-    m: dict[str, Any] = {"teacher/unavailable": 0, "kl_mean": None}
+    m: dict[str, Any] = {"teacher/unavailable": 0, "teacher/kl_mean": None}
     res = link.generate(items)
     if res is None:
         m["teacher/unavailable"] = 1
@@ -224,6 +298,6 @@ def sft_guidance(link: TeacherLink, steps: list[RolloutStep], cfg: TrainConfig, 
         action = s.tokens[own.n_thought:] if own.has_action_key else list(r.token_ids[sp.n_thought:])
         buffer.add(SFTExample(s.prompt, list(r.token_ids[:sp.n_thought]) + list(action), sp.n_thought))
         kept += 1
-    m.update({"teacher_version": version, "sft/teacher_parse_rate": kept / max(1, len(steps)),
+    m.update({"teacher/version": version, "sft/teacher_parse_rate": kept / max(1, len(steps)),
               "sft/added": kept, "sft/buffer_size": len(buffer)})
     return m

@@ -1,8 +1,11 @@
 """Per-update metrics to `<run_dir>/metrics.jsonl` and TensorBoard, and trajectory samples.
 
-metrics.jsonl holds one JSON object per update; its top-level keys `update`, `env_steps`,
-`success_rate`, `mean_return`, `format_ok_rate`, `kl_mean`, `teacher_version`,
-`seconds_rollout`, `seconds_teacher`, `seconds_ppo` are a contract for scripts.
+Metric names live in namespaces (`rollout/`, `teacher/`, `ppo/`, `sft/`, `time/`, `task/`),
+plus the step axis `update` and `env_steps`. metrics.jsonl holds one JSON object per update;
+scripts read its older top-level keys (`success_rate`, `mean_return`, `format_ok_rate`,
+`kl_mean`, `teacher_version`, `seconds_rollout`, `seconds_teacher`, `seconds_ppo`, and the
+plot's `success_rate_all`, `seconds_update`): they are written beside the namespaced names as
+aliases (`CONTRACT_ALIASES`), to the JSON file only, never as a second TensorBoard curve.
 """
 
 from __future__ import annotations
@@ -29,6 +32,26 @@ def _clean(v: Any) -> Any:
     return v
 
 
+CONTRACT_ALIASES: dict[str, str] = {
+    "success_rate": "rollout/success_rate",
+    "success_rate_all": "rollout/success_rate_all",
+    "mean_return": "rollout/mean_return",
+    "format_ok_rate": "rollout/format_ok_rate",
+    "kl_mean": "teacher/kl_mean",
+    "teacher_version": "teacher/version",
+    "seconds_rollout": "time/rollout_s",
+    "seconds_teacher": "time/teacher_s",
+    "seconds_ppo": "time/ppo_s",
+    "seconds_update": "time/update_s",
+}
+"""metrics.jsonl contract key -> the namespaced metric it repeats."""
+
+
+def with_contract_aliases(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The namespaced metrics plus the contract keys scripts read (None where the metric is absent)."""
+    return {**metrics, **{alias: metrics.get(name) for alias, name in CONTRACT_ALIASES.items()}}
+
+
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
@@ -51,14 +74,16 @@ class MetricsWriter:
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, metrics: dict[str, Any]) -> None:
-        row = {k: _clean(v) for k, v in metrics.items()}
+        """One update's namespaced metrics: to metrics.jsonl with the contract aliases, to TensorBoard without."""
+        row = {k: _clean(v) for k, v in with_contract_aliases(metrics).items()}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             step = int(metrics["update"])
             for k, v in row.items():
-                if k != "update" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+                if k in CONTRACT_ALIASES or k == "update" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self.tb.flush()
 
     def close(self) -> None:

@@ -115,11 +115,6 @@ class Policy:
         self.model.train(mode)
         self.value_head.train(mode)
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model)
-
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
 

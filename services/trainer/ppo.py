@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from services.trainer.config import TrainConfig
-from services.trainer.guidance import ReplayBuffer
+from services.trainer.guidance import Guidance, ReplayBuffer, make_guidance
 from services.trainer.losses import cosine_lr_factor, explained_variance, gae, normalize, ppo_clip_loss, value_loss
 from services.trainer.policy import Policy
 from services.trainer.rollout import Rollout
@@ -39,7 +39,7 @@ class PPOBatch:
         return len(self.prompts)
 
 
-def build_batch(rollout: Rollout, cfg: TrainConfig) -> tuple[PPOBatch, dict[str, Any]]:
+def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = None) -> tuple[PPOBatch, dict[str, Any]]:
     rows = rollout.steps
 
     def grid(f):
@@ -49,7 +49,7 @@ def build_batch(rollout: Rollout, cfg: TrainConfig) -> tuple[PPOBatch, dict[str,
     terminated, truncated = grid(lambda s: float(s.terminated)), grid(lambda s: float(s.truncated))
     adv, returns = gae(rewards, values, next_values, terminated, truncated, cfg.ppo.gamma, cfg.ppo.gae_lambda)
     kl = grid(lambda s: s.kl if s.kl is not None else 0.0)
-    beta = cfg.guidance.beta if cfg.guidance.mode == "kl" else 0.0
+    beta = (guidance or make_guidance(cfg)).kl_beta
     b_adv = adv.reshape(-1)
     # GTR-Turbo-KL: A' = A - beta * KL_t, before the batch normalisation by default; the value
     # targets (returns) never include it.

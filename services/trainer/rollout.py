@@ -17,6 +17,7 @@ import torch
 
 from services.trainer.config import TrainConfig
 from services.trainer.envpool import EnvPool, EnvResult
+from services.trainer.guidance import Guidance, make_guidance
 from services.trainer.policy import Policy
 from services.trainer.spans import split_spans
 from services.trainer.stored_prompt import StoredPrompt, store_prompt
@@ -85,15 +86,13 @@ def decode_image(obs_image: str | None) -> np.ndarray | None:
 
 
 def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
-            on_step: Callable[[int], None] | None = None) -> Rollout:
+            on_step: Callable[[int], None] | None = None, guidance: Guidance | None = None) -> Rollout:
     """One update's rollout. Episodes start fresh each update with seeds derived from
     (cfg.seed, update, env, episode), so a resumed run replays the same episodes."""
     n, T = cfg.env.num_envs, cfg.env.num_steps
     proc, tok = policy.processor, policy.tokenizer
     temp = cfg.generation.temperature
-    kl_temp = None
-    if cfg.guidance.mode == "kl":
-        kl_temp = 1.0 if cfg.guidance.kl_temperature == "untempered" else temp
+    kl_temp = (guidance or make_guidance(cfg)).student_kl_temperature
     episode_no = [0] * n
     current: list[EnvResult] = pool.open([derive_seed(cfg.seed, update, e, 0) for e in range(n)])
     ep_return, ep_len = [0.0] * n, [0] * n
@@ -165,15 +164,15 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
     flat = rollout.flat()
     eps = rollout.episodes
     m: dict[str, Any] = {
-        "episodes": len(eps),
-        "episodes_cut_off": rollout.cut_off,
+        "rollout/episodes": len(eps),
+        "rollout/episodes_cut_off": rollout.cut_off,
         # over the episodes that ended (as RL4VLM reports it) ...
-        "success_rate": float(np.mean([e["won"] for e in eps])) if eps else 0.0,
+        "rollout/success_rate": float(np.mean([e["won"] for e in eps])) if eps else 0.0,
         # ... and over all episodes of the update, the abandoned ones counted as not won
-        "success_rate_all": float(sum(e["won"] for e in eps) / max(1, len(eps) + rollout.cut_off)),
-        "mean_return": float(np.mean([e["return"] for e in eps])) if eps else 0.0,
-        "mean_episode_length": float(np.mean([e["length"] for e in eps])) if eps else 0.0,
-        "format_ok_rate": float(np.mean([s.format_ok for s in flat])),
+        "rollout/success_rate_all": float(sum(e["won"] for e in eps) / max(1, len(eps) + rollout.cut_off)),
+        "rollout/mean_return": float(np.mean([e["return"] for e in eps])) if eps else 0.0,
+        "rollout/mean_episode_length": float(np.mean([e["length"] for e in eps])) if eps else 0.0,
+        "rollout/format_ok_rate": float(np.mean([s.format_ok for s in flat])),
         "rollout/thought_ok_rate": float(np.mean([s.thought_ok for s in flat])),
         "rollout/reward_mean": float(np.mean([s.reward for s in flat])),
         "rollout/env_reward_mean": float(np.mean([s.env_reward for s in flat])),

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from services.trainer.checkpoint import Counters, checkpoint_dir, load_checkpoint, save_checkpoint
 from services.trainer.config import TrainConfig
 from services.trainer.envpool import EnvPool
-from services.trainer.guidance import ReplayBuffer, TeacherLink, kl_guidance, push_adapter, sft_guidance
-from services.trainer.metrics import MetricsWriter, write_samples
+from services.trainer.guidance import Guidance, ReplayBuffer, TeacherLink, make_guidance, push_adapter
+from services.trainer.metrics import MetricsWriter, with_contract_aliases, write_samples
 from services.trainer.policy import Policy
 from services.trainer.ppo import build_batch, make_optimizer, ppo_update
 from services.trainer.rollout import collect, derive_seed, rollout_metrics
@@ -33,25 +33,21 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
-    """Run (or resume) a training job; returns a summary. Metrics go to <run_dir>/metrics.jsonl."""
+    """Run (or resume) a training job; returns a summary. Metrics go to <run_dir>/metrics.jsonl.
+    The HTTP service that reads `board` is the caller's (`gtr train` starts it)."""
     if not cfg.model.path:
         raise ValueError("model.path is not set (the base model directory)")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     board = board or StatusBoard(cfg.updates, str(run_dir), cfg.guidance.mode)
-    server = None
-    if cfg.trainer.port:
-        from services.trainer.app import ServerThread, create_app
-
-        server = ServerThread(create_app(board), cfg.trainer.host, cfg.trainer.port).start()
-        log.info("trainer service on http://%s:%d (/v1/status, /metrics)", cfg.trainer.host, cfg.trainer.port)
+    guidance = make_guidance(cfg)
     board.loop_alive.set()
     policy = pool = link = writer = None
     try:
         policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed)
         optimizer, scheduler = make_optimizer(policy, cfg)
-        sft_buffer = ReplayBuffer(cfg.guidance.sft_buffer_size) if cfg.guidance.mode == "sft" else None
+        sft_buffer = guidance.new_buffer()
         counters = Counters()
         writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
         if cfg.resume and (checkpoint_dir(run_dir) / "trainer_state.pt").exists():
@@ -60,7 +56,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         elif cfg.resume:
             log.warning("resume requested but %s has no checkpoint: starting fresh", checkpoint_dir(run_dir))
         pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options, cfg.env.timeout_s, cfg.env.retries)
-        if cfg.guidance.mode != "none" or cfg.pushes():
+        if guidance.uses_teacher or cfg.pushes():
             link = TeacherLink(cfg, fingerprint=tokenizer_fingerprint(policy.tokenizer))
             check_teacher(link, cfg)
 
@@ -75,7 +71,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         stopped = False
         for update in range(counters.update + 1, cfg.updates + 1):
             metrics = run_update(cfg, update, policy, optimizer, scheduler, pool, link, sft_buffer, counters, board, writer,
-                                 between_phases=checkpoint_if_requested)
+                                 between_phases=checkpoint_if_requested, guidance=guidance)
             stop = board.stop_requested.is_set()
             if update % cfg.save_every == 0 or update == cfg.updates or stop or board.checkpoint_requested.is_set():
                 board.set_phase("checkpoint")
@@ -96,13 +92,12 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         for closable in (pool, link, writer):
             if closable is not None:
                 closable.close()
-        if server is not None:
-            server.stop()
 
 
 def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, scheduler, pool: EnvPool,
                link: TeacherLink | None, sft_buffer: ReplayBuffer | None, counters: Counters, board: StatusBoard,
-               writer: MetricsWriter, between_phases=lambda: None) -> dict[str, Any]:
+               writer: MetricsWriter, between_phases=lambda: None, guidance: Guidance | None = None) -> dict[str, Any]:
+    guidance = guidance or make_guidance(cfg)
     torch.manual_seed(derive_seed(cfg.seed, update, 1))
     rng = np.random.default_rng(derive_seed(cfg.seed, update, 2))
     opt_steps = cfg.ppo.epochs * cfg.minibatches_per_epoch
@@ -112,7 +107,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         board.set_phase("rollout")
         bar.set_postfix_str("rollout")
         t0 = time.perf_counter()
-        rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1))
+        rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1), guidance=guidance)
         seconds_rollout = time.perf_counter() - t0
         steps = rollout.flat()
         between_phases()
@@ -120,19 +115,14 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         board.set_phase("teacher")
         bar.set_postfix_str("teacher")
         t0 = time.perf_counter()
-        guide: dict[str, Any] = {"kl_mean": None, "teacher/unavailable": 0}
-        if cfg.guidance.mode == "kl":
-            guide = kl_guidance(link, steps, cfg)
-        elif cfg.guidance.mode == "sft":
-            guide = sft_guidance(link, steps, cfg, policy.tokenizer, sft_buffer, derive_seed(cfg.seed, update, 3))
+        guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer, derive_seed(cfg.seed, update, 3))
         seconds_teacher = time.perf_counter() - t0
         between_phases()
 
         board.set_phase("ppo")
         bar.set_postfix_str("ppo")
         t0 = time.perf_counter()
-        lr_used = optimizer.param_groups[0]["lr"]
-        batch, adv_m = build_batch(rollout, cfg)
+        batch, adv_m = build_batch(rollout, cfg, guidance)
         ppo_m = ppo_update(policy, optimizer, scheduler, batch, cfg, rng, sft_buffer, on_step=lambda: bar.update(1))
         seconds_ppo = time.perf_counter() - t0
 
@@ -140,35 +130,33 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         if link is not None and cfg.pushes():
             board.set_phase("teacher")
             t0 = time.perf_counter()
-            push_m = push_adapter(link, policy, update, cfg, guide.get("teacher_version"))
-            push_m["seconds_push"] = time.perf_counter() - t0
-            seconds_teacher += push_m["seconds_push"]
+            push_m = push_adapter(link, policy, update, cfg, guide.get("teacher/version"))
+            push_m["time/push_s"] = time.perf_counter() - t0
+            seconds_teacher += push_m["time/push_s"]
     finally:
         bar.close()
 
     counters.update = update
     counters.env_steps += len(steps)
-    if guide.get("teacher_version") is not None:
-        counters.teacher_version = guide["teacher_version"]
+    if guide.get("teacher/version") is not None:
+        counters.teacher_version = guide["teacher/version"]
     if guide.get("teacher/unavailable"):
         log.warning("update %d ran WITHOUT teacher guidance: the teacher was unavailable", update)
+    seconds_update = seconds_rollout + seconds_teacher + seconds_ppo
     metrics: dict[str, Any] = {
-        "update": update, "env_steps": counters.env_steps, **rollout_metrics(rollout),
-        "kl_mean": guide.get("kl_mean"), "teacher_version": guide.get("teacher_version"),
-        "guidance": cfg.guidance.mode, "seconds_rollout": seconds_rollout, "seconds_teacher": seconds_teacher,
-        "seconds_ppo": seconds_ppo, "seconds_update": seconds_rollout + seconds_teacher + seconds_ppo,
-        "lr": lr_used,
-        **{k: v for k, v in guide.items() if k not in ("kl_mean", "teacher_version")}, **adv_m, **ppo_m, **push_m,
+        "update": update, "env_steps": counters.env_steps, "guidance/mode": guidance.mode,
+        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m,
+        "time/rollout_s": seconds_rollout, "time/teacher_s": seconds_teacher, "time/ppo_s": seconds_ppo,
+        "time/update_s": seconds_update, "time/sps": len(steps) / max(1e-9, seconds_update),
     }
-    metrics["sps"] = len(steps) / max(1e-9, metrics["seconds_update"])
     writer.log(metrics)
     write_samples(writer.run_dir, update, steps, cfg.logging.samples_per_update, policy.tokenizer)
-    board.record(metrics)
+    board.record(with_contract_aliases(metrics))  # the board's gauges read the contract keys
     log.info("update %d/%d: success %.2f return %.2f format_ok %.2f kl %s teacher v%s | rollout %.1fs teacher %.1fs "
-             "ppo %.1fs", update, cfg.updates, metrics["success_rate"], metrics["mean_return"],
-             metrics["format_ok_rate"], _fmt(metrics["kl_mean"]), metrics["teacher_version"], seconds_rollout,
-             seconds_teacher, seconds_ppo)
-    return metrics
+             "ppo %.1fs", update, cfg.updates, metrics["rollout/success_rate"], metrics["rollout/mean_return"],
+             metrics["rollout/format_ok_rate"], _fmt(metrics.get("teacher/kl_mean")), metrics.get("teacher/version"),
+             seconds_rollout, seconds_teacher, seconds_ppo)
+    return with_contract_aliases(metrics)
 
 
 def check_teacher(link: TeacherLink, cfg: TrainConfig) -> None:
