@@ -117,11 +117,13 @@ def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(ti
 
     tok = tiny_model[1].tokenizer
     good = tok('{"thoughts": "3 is less than 5, so I add one.", "action": "-"}', add_special_tokens=False)["input_ids"]
-    bad = tok("I cannot decide", add_special_tokens=False)["input_ids"]
+    # What the env's parser rejects is dropped: prose, truncated JSON, a non-string action.
+    bad = [tok(t, add_special_tokens=False)["input_ids"] for t in
+           ("I cannot decide", '{"thoughts": "3 is less than 5, so", "action": "-', '{"thoughts": "add one", "action": 1}')]
     agent = tok('{"thoughts": "hmm", "action": "+"}', add_special_tokens=False)["input_ids"]
 
     def handler(method, path, body):
-        items = [{"text": tok.decode(ids), "token_ids": ids, "logprobs": [-1.0] * len(ids)} for ids in (good, bad)]
+        items = [{"text": tok.decode(ids), "token_ids": ids, "logprobs": [-1.0] * len(ids)} for ids in (good, *bad)]
         return 200, {"teacher_version": 7, "items": items}
 
     def step():
@@ -131,11 +133,11 @@ def test_sft_guidance_keeps_parseable_teacher_thoughts_with_the_agents_action(ti
                            env_reward=0.0, reward=0.0, terminated=False, truncated=False, format_ok=True, info={},
                            env_index=0)
 
-    steps = [step(), step()]
+    steps = [step() for _ in range(4)]
     buf = ReplayBuffer(8)
     with _link(handler) as link:
         m = sft_guidance(link, steps, TrainConfig(guidance={"mode": "sft"}), tok, buf, seed=0)
-    assert m["sft/teacher_parse_rate"] == 0.5 and m["teacher/version"] == 7 and len(buf) == 1  # garbage dropped
+    assert m["sft/teacher_parse_rate"] == 0.25 and m["teacher/version"] == 7 and len(buf) == 1  # garbage dropped
     ex = buf.items[0]
     n_teacher = split_spans(tok, good).n_thought
     assert ex.n_thought == n_teacher and ex.ids[:n_teacher] == good[:n_teacher]

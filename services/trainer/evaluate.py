@@ -15,7 +15,7 @@ import numpy as np
 from services.trainer.config import ModelSettings
 from services.trainer.envpool import EnvPool
 from services.trainer.policy import Policy
-from services.trainer.spans import split_spans
+from services.trainer.spans import decode_output
 from shared.chat import encode_prompt
 from shared.prompting import observation_messages
 
@@ -37,19 +37,18 @@ def evaluate(model_path: str, env_url: str, env_id: str, episodes: int = 20, ada
         next_episode = n
         episode_of = list(range(n))
         active = list(range(n))
-        stats = [{"return": 0.0, "steps": 0, "format_ok": 0, "thought_ok": 0} for _ in range(n)]
+        stats = [{"return": 0.0, "steps": 0, "format_ok": 0} for _ in range(n)]
         while active:
             prompts = [encode_prompt(policy.processor, observation_messages(cur[e].observation)) for e in active]
             comps = policy.generate(prompts, temperature, max_new_tokens, greedy=greedy)
-            texts = [policy.tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+            texts = [decode_output(policy.tokenizer, c) for c in comps]
             results = pool.step(texts, which=active)
             still = []
-            for e, r, c in zip(active, results, comps, strict=True):
+            for e, r in zip(active, results, strict=True):
                 st = stats[e]
                 st["return"] += r.reward
                 st["steps"] += 1
                 st["format_ok"] += bool(r.info.get("format_ok"))
-                st["thought_ok"] += split_spans(policy.tokenizer, c).thought_ok
                 done = r.terminated or r.truncated or st["steps"] >= max_steps
                 if done:
                     records.append({"seed": seed + episode_of[e], "won": bool(r.info.get("won")),
@@ -61,7 +60,7 @@ def evaluate(model_path: str, env_url: str, env_id: str, episodes: int = 20, ada
                         episode_of[e] = next_episode
                         cur[e] = pool.reset(e, seed + next_episode)
                         next_episode += 1
-                        stats[e] = {"return": 0.0, "steps": 0, "format_ok": 0, "thought_ok": 0}
+                        stats[e] = {"return": 0.0, "steps": 0, "format_ok": 0}
                         still.append(e)
                 else:
                     cur[e] = r

@@ -105,7 +105,7 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
         with torch.no_grad():
             sc = policy.score(prompts, completions, [s.n_thought for s in spans], temp, cfg.ppo.thought_coef,
                               kl_temperature=kl_temp)
-        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+        texts = [sp.text for sp in spans]  # the text the split parsed is the text the env executes
         results = pool.step(texts)
         row: list[RolloutStep] = []
         truncated_final: dict[int, dict[str, torch.Tensor]] = {}
