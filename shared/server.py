@@ -2,23 +2,35 @@
 
 Errors are JSON `{"error": code, "detail": text}` (DESIGN §3). A client's bad input is a 4xx;
 anything unexpected is logged with its traceback and answered 500 with a generic detail.
+`install_common` puts on every app what a service on a user's machine needs against a browser
+(allowed hosts, no cross-origin writes), the error shapes in its OpenAPI, and /docs served offline.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import secrets
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shared.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                  409: "conflict", 413: "too_large", 422: "invalid", 429: "too_many", 501: "not_implemented",
                  503: "not_ready"}
 
@@ -61,9 +73,182 @@ async def require_token(request: Request) -> None:
     token = os.environ.get("GTR_API_TOKEN")
     if not token:
         return
-    got = request.headers.get("authorization", "")
-    if not secrets.compare_digest(got, f"Bearer {token}"):
+    # Compared as bytes: the header arrives as latin-1 text, and `compare_digest` raises
+    # TypeError on a str with non-ASCII characters (a 500 for a client's bad header).
+    got = request.headers.get("authorization", "").encode("latin-1")
+    if not secrets.compare_digest(got, f"Bearer {token}".encode()):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token (GTR_API_TOKEN)")
+
+
+# --- hosts and origins ---------------------------------------------------------------------
+
+# Loopback and the compose service names (docker-compose.yml): a DNS-rebinding page reaches a
+# service under its own host name, which is none of these.
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]", "envs", "teacher", "trainer", "policy")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _env_list(name: str) -> list[str]:
+    return [h.strip() for h in os.environ.get(name, "").split(",") if h.strip()]
+
+
+def allowed_hosts() -> list[str]:
+    """`GTR_ALLOWED_HOSTS` (comma-separated host names; `*.example.com` patterns; `*` allows any),
+    else `DEFAULT_ALLOWED_HOSTS`."""
+    return _env_list("GTR_ALLOWED_HOSTS") or list(DEFAULT_ALLOWED_HOSTS)
+
+
+class OriginCheck:
+    """Refuses state-changing requests whose `Origin` is not the service itself (nor one listed in
+    `GTR_ALLOWED_ORIGINS`). Browsers send `Origin` on every cross-origin POST/DELETE, so a web page
+    the user visits cannot upload to, merge on or stop a service on 127.0.0.1; clients that are not
+    browsers (curl, our clients) send none and pass. /docs' "Try it out" is same-origin and passes."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str] | None = None):
+        self.app = app
+        self.allowed = {o.rstrip("/").lower() for o in (allowed_origins or [])}
+
+    def _ok(self, origin: str, host: str) -> bool:
+        origin = origin.rstrip("/").lower()
+        if "*" in self.allowed or origin in self.allowed:
+            return True
+        try:
+            parts = urlsplit(origin)
+        except ValueError:
+            return False
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host.lower()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in _SAFE_METHODS:
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and not self._ok(origin, headers.get("host", "")):
+                body = error_body(403, f"cross-origin {scope['method']} from {origin!r} refused "
+                                       "(list trusted origins in GTR_ALLOWED_ORIGINS)", "forbidden_origin")
+                await JSONResponse(body, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def install_host_checks(app: FastAPI, hosts: list[str] | None = None, origins: list[str] | None = None) -> None:
+    """Only the allowed Host headers (Starlette's TrustedHostMiddleware: 400 otherwise), and no
+    state-changing request from a foreign Origin (403). Defaults from the environment."""
+    app.add_middleware(OriginCheck, allowed_origins=origins if origins is not None else _env_list("GTR_ALLOWED_ORIGINS"))
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts or allowed_hosts(), www_redirect=False)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str) -> None:
+    """Refuse to serve beyond loopback without a token where it was published on purpose:
+    compose passes `GTR_PUBLISH_ADDR` (where the ports are published on the host). A plain
+    non-loopback bind only warns (inside a container, 0.0.0.0 is how a service is reached at all)."""
+    if os.environ.get("GTR_API_TOKEN"):
+        return
+    published = os.environ.get("GTR_PUBLISH_ADDR", "")
+    if published and not is_loopback(published):
+        raise SystemExit(f"GTR_PUBLISH_ADDR={published} publishes this service beyond loopback: set GTR_API_TOKEN "
+                         "(every mutating route then needs `Authorization: Bearer $GTR_API_TOKEN`)")
+    if not published and not is_loopback(host):
+        log.warning("serving on %s without GTR_API_TOKEN: anyone who reaches this address can call every route", host)
+
+
+# --- OpenAPI: the error bodies as they are -------------------------------------------------
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: the error codes it can answer, each with the ErrorResponse body.
+    Example: `@app.get("/v1/x/{id}", responses=error_responses(404, 409))`."""
+    return {code: {"model": ErrorResponse, "description": _STATUS_CODES.get(code, "error")} for code in codes}
+
+
+def _error_content() -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+def install_openapi_errors(app: FastAPI) -> None:
+    """The OpenAPI says what the service answers: 422 is `ErrorResponse` (our handler's body, not
+    FastAPI's default `HTTPValidationError`), and every state-changing route declares 401 (a token
+    is set and missing) and 403 (a foreign Origin)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps.setdefault("ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
+        for path_item in schema.get("paths", {}).values():
+            for method, op in path_item.items():
+                responses = op.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {"description": "invalid request", "content": _error_content()}
+                if method.upper() not in _SAFE_METHODS:
+                    responses.setdefault("401", {"description": "missing or wrong bearer token (GTR_API_TOKEN set)",
+                                                 "content": _error_content()})
+                    responses.setdefault("403", {"description": "cross-origin request refused",
+                                                 "content": _error_content()})
+        for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's, now unreferenced
+            if f'"#/components/schemas/{name}"' not in json.dumps(schema):
+                comps.pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+# --- /docs without a CDN --------------------------------------------------------------------
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _swagger_ui_dir() -> Path | None:
+    try:
+        import swagger_ui  # PyPI swagger-ui-py: ships Swagger UI 5's dist files (OpenAPI 3.1)
+    except ImportError:
+        return None
+    path = Path(swagger_ui.__file__).parent / "static"
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+def install_local_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's JS and CSS served by the service itself (FastAPI's "self-hosting
+    JavaScript and CSS for docs"), so it works offline. Without the package, FastAPI's CDN page."""
+    assets = _swagger_ui_dir()
+    if assets is None or not app.docs_url or not app.openapi_url:
+        log.warning("swagger-ui-py not installed: /docs loads Swagger UI from a CDN")
+        return
+    from starlette.staticfiles import StaticFiles
+
+    docs_url, openapi_url, oauth2_url = app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != docs_url]
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    async def swagger_ui_html(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + openapi_url, title=f"{app.title} - Swagger UI",
+                                   oauth2_redirect_url=root + oauth2_url if oauth2_url else None,
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+                                   swagger_ui_parameters=app.swagger_ui_parameters)
+
+    app.add_route(docs_url, swagger_ui_html, include_in_schema=False)
+
+
+def install_common(app: FastAPI) -> None:
+    """Everything every service's app gets beside its error handlers: host and origin checks,
+    the error codes in its OpenAPI, and /docs served offline."""
+    install_host_checks(app)
+    install_openapi_errors(app)
+    install_local_docs(app)
 
 
 def metrics_response(registry) -> PlainTextResponse:
@@ -74,6 +259,8 @@ def metrics_response(registry) -> PlainTextResponse:
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
+
+    check_exposure(host)
 
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Starlette's TestClient sends `Host: testserver`; the services allow only their own names.
+os.environ.setdefault("GTR_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],envs,teacher,trainer,policy,testserver")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from services.envs.settings import EnvServiceSettings
 from services.envs.workers import Sessions
 from shared.schemas import (ActionResponse, BatchStepRequest, BatchStepResult, CreateSessionRequest, EnvList, Health, ResetRequest,
                             ResetResponse, SessionResponse, StepRequest, StepResponse)
-from shared.server import ApiError, error_body, install_error_handlers, metrics_response, require_token
+from shared.server import ApiError, error_body, install_common, install_error_handlers, metrics_response, require_token
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
     app = FastAPI(title="GTR-Turbo env service", version="1", lifespan=lifespan,
                   description="Points24, EZPoints, NumberLine and ALFWorld over HTTP (DESIGN §3.1).")
     install_error_handlers(app)
+    install_common(app)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
                             GenerateResponse, Health, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
-from shared.server import ApiError, install_error_handlers, metrics_response, require_token
+from shared.server import ApiError, install_common, install_error_handlers, metrics_response, require_token
 from services.teacher.backends import BackendError, TeacherBackend, make_backend
 from services.teacher.errors import TeacherError
 from services.teacher.service import TeacherService
@@ -79,6 +79,7 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
                   description="Merged-checkpoint teacher: LoRA checkpoints in, TIES-merged teacher log-probs "
                               "and generations out (DESIGN §3.2).")
     install_error_handlers(app)
+    install_common(app)
     metrics = Metrics()
     app.state.metrics = metrics
 

@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, Request
 
 from services.trainer.status import StatusBoard
 from shared.schemas import ActionResponse, Health, TrainerStatus
-from shared.server import ApiError, install_error_handlers, metrics_response, require_token
+from shared.server import ApiError, check_exposure, install_common, install_error_handlers, metrics_response, require_token
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def create_app(board: StatusBoard, checkpoint_timeout_s: float = 600.0) -> FastA
     app = FastAPI(title="GTR-Turbo trainer", version="1")
     app.state.board = board
     install_error_handlers(app)
+    install_common(app)
 
     @app.get("/healthz", response_model=Health)
     def healthz():
@@ -76,6 +77,8 @@ class ServerThread:
 
     def __init__(self, app: FastAPI, host: str, port: int):
         import uvicorn
+
+        check_exposure(host)
 
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self.server.install_signal_handlers = lambda: None  # signals belong to the main thread
