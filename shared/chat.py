@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.codecs import b64_to_image
+from shared.logprobs import DEFAULT_CHUNK, selective_logprobs
 
 
 @dataclass
@@ -119,20 +120,29 @@ def completion_logits(model, batch: EncodedBatch, **forward_kwargs):
     return out, out.logits[:, :-1, :] if k > 0 else out.logits[:, :0, :]
 
 
-def completion_logprobs(model, batch: EncodedBatch, temperature: float = 1.0, top_k: int = 0):
+def completion_logprobs(model, batch: EncodedBatch, temperature: float = 1.0, top_k: int = 0,
+                        chunk: int = DEFAULT_CHUNK):
     """Per-item log-probs of each completion token (fp32), plus the top-k of each position.
 
     Returns (logprobs: list[Tensor[L_i]], top: list[(ids[L_i,k], logprobs[L_i,k])] | None).
+    The body runs once; the head then runs on the completion positions only, `chunk` of them at a
+    time (shared.logprobs): never a [B, K, V] logits tensor (623 MB in bf16 at 8 x 256 x 152k).
     """
-    _, logits = completion_logits(model, batch)
     k = batch.completion_slice()
-    targets = batch.inputs["input_ids"][:, -k:] if k > 0 else batch.inputs["input_ids"][:, :0]
-    lp = F.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    out, tops = [], []
-    for i, n in enumerate(batch.completion_lens):
-        out.append(chosen[i, k - n:] if n else chosen[i, :0])
-        if top_k:
-            v, idx = lp[i, k - n:].topk(top_k, dim=-1)
-            tops.append((idx, v))
-    return out, (tops if top_k else None)
+    lens = batch.completion_lens
+    targets = batch.inputs["input_ids"][:, batch.width - k:]
+    body = getattr(model, "model", None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:  # not a ForConditionalGeneration/CausalLM wrapper: plain logits
+        _, logits = completion_logits(model, batch)
+        hidden, head = logits, (lambda x: x)
+    else:
+        hidden = body(**batch.inputs, use_cache=False)[0][:, batch.width - k - 1:batch.width - 1]
+    pos = torch.arange(k, device=targets.device)
+    valid = pos.unsqueeze(0) >= (k - torch.tensor(lens, device=targets.device)).unsqueeze(1)
+    # Row-major: each row's completion positions are contiguous (left padding), rows in order.
+    lp_N, top_ids, top_lp = selective_logprobs(hidden[valid], targets[valid], head, temperature, top_k, chunk)
+    out = list(lp_N.split(lens))
+    if not top_k:
+        return out, None
+    return out, list(zip(top_ids.split(lens), top_lp.split(lens), strict=True))

@@ -1,6 +1,6 @@
 """`gtr`: one CLI for the project. Each service registers its own subcommands.
 
-    gtr tiny-model OUT [--seed N] [--size tiny|small]
+    gtr tiny-model OUT [--seed N] [--size tiny|small|wide]
     gtr env serve ...            (services/envs/cli.py)
     gtr teacher serve|query ...  (services/teacher/cli.py)
     gtr train|sft|eval ...       (services/trainer/cli.py)
@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trained offline on our env prompts. Same seed, byte-identical files.")
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight and tokenizer seed (default 0)")
-    p.add_argument("--size", choices=["tiny", "small"], default="tiny",
-                   help="tiny: ~0.2M params, for tests; small: ~4M params, for learning runs on CPU")
+    p.add_argument("--size", choices=["tiny", "small", "wide"], default="tiny",
+                   help="tiny: ~0.2M params, for tests; small: ~4M params, for learning runs on CPU; wide: "
+                        "Qwen2.5-VL-7B's real vocabulary (152k), chat template and image settings on a 2-layer body "
+                        "(~80M params; needs the `wide` extra for the tokenizer)")
     p.set_defaults(func=_tiny_model)
     for name in COMMAND_MODULES:
         try:

@@ -17,12 +17,21 @@ from shared.models import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, IMAGE_PAD,
 
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 
-# Sizes: `tiny` for tests (~0.2M params), `small` for learning experiments on CPU (~5M).
+# Sizes: `tiny` for tests (~0.2M params), `small` for learning experiments on CPU (~5M),
+# `wide`: Qwen2.5-VL-7B's real vocabulary (tokenizer, 152,064 embedding rows, untied head like the
+# 7B), special-token ids, chat template and image processor (patch 14, merge 2, min/max pixels
+# 3136 / 12845056), on a 2-layer, 256-wide body (~80M params, nearly all embedding and head), so
+# that vocabulary- and image-sized costs are real while the rest runs on 2 cores. The vision
+# merger's output width is the text hidden size by construction (it feeds the embeddings), so it
+# cannot be the 7B's 3584 here; per-token activations at 3584 are derived in docs/scale.md.
 SIZES = {
     "tiny": dict(vocab=1024, hidden=64, layers=2, heads=4, kv_heads=2, inter=128,
                  v_hidden=32, v_depth=2, v_heads=2, v_inter=64, max_pixels=112 * 112),
     "small": dict(vocab=2048, hidden=256, layers=4, heads=4, kv_heads=2, inter=768,
                   v_hidden=96, v_depth=2, v_heads=2, v_inter=192, max_pixels=168 * 168),
+    "wide": dict(vocab=152064, hidden=256, layers=2, heads=4, kv_heads=2, inter=512,
+                 v_hidden=128, v_depth=2, v_heads=2, v_inter=256, max_pixels=12845056, min_pixels=3136,
+                 tokenizer="qwen2", tie=False),
 }
 
 _RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
@@ -99,13 +108,14 @@ def build_config(size: str, tokenizer):
     half = head_dim // 2  # mrope sections (temporal, height, width) split the rotary half-dim
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tie = s.get("tie", True)
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+        vocab_size=s["vocab"] if s.get("tokenizer") == "qwen2" else len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], intermediate_size=s["inter"],
         max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                        "mrope_section": mrope},
         bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
-        tie_word_embeddings=True, use_cache=True,
+        tie_word_embeddings=tie, use_cache=True,
     )
     vision = dict(
         depth=s["v_depth"], hidden_size=s["v_hidden"], num_heads=s["v_heads"], intermediate_size=s["v_inter"],
@@ -115,7 +125,7 @@ def build_config(size: str, tokenizer):
     return Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=True, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
+        tie_word_embeddings=tie, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
     )
 
 
@@ -127,17 +137,25 @@ def build_tiny_model(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(SIZES[size]["vocab"], seed)
+    spec = SIZES[size]
+    if spec.get("tokenizer") == "qwen2":
+        from shared.qwen_tokenizer import build_qwen2_tokenizer
+
+        tokenizer = build_qwen2_tokenizer()
+    else:
+        tokenizer = train_tokenizer(spec["vocab"], seed)
     config = build_config(size, tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     # The default init (std 0.02) leaves a tiny model's output nearly uniform; that is fine
     # for tests and what SFT-init starts from.
     model.eval()
-    return save_model_dir(out, model, tokenizer, max_pixels=SIZES[size]["max_pixels"])
+    return save_model_dir(out, model, tokenizer, max_pixels=spec["max_pixels"], min_pixels=spec.get("min_pixels", 56 * 56),
+                          chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
 
 
-def save_model_dir(out: Path, model, tokenizer, max_pixels: int | None = None) -> Path:
+def save_model_dir(out: Path, model, tokenizer, max_pixels: int | None = None, min_pixels: int = 56 * 56,
+                   chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write a loadable model directory: weights, tokenizer, chat template, and (for VL models,
     `max_pixels` given) an image processor the stock AutoProcessor also understands."""
     model.save_pretrained(out)
@@ -148,13 +166,13 @@ def save_model_dir(out: Path, model, tokenizer, max_pixels: int | None = None) -
         except ImportError:
             from transformers import Qwen2VLImageProcessor as ImageProcessor
 
-        ImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels).save_pretrained(out)
+        ImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
         # Make the stock AutoProcessor (GPU images with torchvision) assemble a Qwen2.5-VL processor.
         pp = json.loads((out / "preprocessor_config.json").read_text())
         pp["image_processor_type"] = "Qwen2VLImageProcessor"
         pp["processor_class"] = "Qwen2_5_VLProcessor"
         (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(chat_template)
     _normalise_json(out)
     return out
 

@@ -39,6 +39,9 @@ class ModelSettings(StrictModel):
     gradient_checkpointing: bool = False
     autocast: bool = True
     """bf16 autocast for forwards on GPU (never on CPU, where everything runs in fp32)."""
+    logprob_chunk: int = Field(default=256, ge=1)
+    """Completion positions per chunk when scoring: the fp32 head, log-softmax and entropy run on
+    at most this many positions at once (a [chunk, vocab] fp32 tensor: 156 MB at 256 x 152k)."""
 
 
 class EnvSettings(StrictModel):

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from services.trainer.config import LoraSettings, ModelSettings
-from services.trainer.losses import entropy as entropy_of
 from services.trainer.stored_prompt import load_prompt
 from shared.chat import EncodedBatch, encode
+from shared.logprobs import MASKED, completion_token_stats  # noqa: F401 - MASKED re-exported
 from shared.models import load_model, load_processor, resolve_device, vision_token_ids
 
 log = logging.getLogger(__name__)
 
-MASKED = -1e9  # finite, so that p * log p stays 0 (not nan) for masked tokens
 VISION_TARGETS = r"attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj"
 
 
@@ -166,31 +165,26 @@ class Policy:
     # ------------------------------------------------------------------ scoring
 
     def _forward(self, prompts, completions):
-        """One forward: (fp32 logits of the completion positions with vision tokens masked
-        [B,K,V], the same unmasked, targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch)."""
+        """One forward: (final hidden states at the completion-predicting positions [B,K,H],
+        targets [B,K], valid mask [B,K], last-prompt hidden [B,H], batch). The head runs later,
+        chunked over positions (shared.logprobs), never on all [B,K,V] at once."""
         prompts = [load_prompt(self.processor, p) for p in prompts]
         batch: EncodedBatch = encode(self.processor, prompts, completions, device=self.device)
         k = batch.completion_slice()
         self._hidden = None
         with self.autocast():
             # The model's own head runs on one position only; the completion logits are computed
-            # below in fp32 from the final hidden states (DESIGN §4: log-probs in fp32, which a
-            # bf16 head would not give on GPU).
+            # from the final hidden states in fp32 (DESIGN §4: log-probs in fp32, which a bf16
+            # head would not give on GPU).
             self.model(**batch.inputs, logits_to_keep=1, use_cache=False)
         h = self._hidden[:, batch.width - k - 1:batch.width - 1]
-        raw = self._head_fp32(h)
-        logits = raw
-        if self.suppress_ids:
-            mask = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
-            mask[self.suppress_ids] = True
-            logits = raw.masked_fill(mask, MASKED)
         targets = batch.inputs["input_ids"][:, batch.width - k:]
-        lens = torch.tensor(batch.completion_lens, device=logits.device)
-        pos = torch.arange(k, device=logits.device)
+        lens = torch.tensor(batch.completion_lens, device=h.device)
+        pos = torch.arange(k, device=h.device)
         valid = pos.unsqueeze(0) >= (k - lens).unsqueeze(1)
         last_prompt = batch.width - 1 - lens  # left padding: every row ends at the right edge
-        hidden = self._hidden[torch.arange(len(prompts), device=logits.device), last_prompt]
-        return logits, raw, targets, valid, hidden, batch
+        hidden = self._hidden[torch.arange(len(prompts), device=h.device), last_prompt]
+        return h, targets, valid, hidden, batch
 
     def _head_fp32(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.get_output_embeddings()
@@ -209,25 +203,25 @@ class Policy:
         """Log-probs, values and entropy of each (prompt, completion). Gradients flow unless
         the caller wraps it in torch.no_grad(); `entropy_grad=False` keeps the entropy (a full
         vocabulary pass) out of the graph when no entropy bonus uses it."""
-        logits, raw, targets, valid, hidden, batch = self._forward(prompts, completions)
-        k = logits.shape[1]
-        lp_all = torch.log_softmax(logits / temperature, dim=-1)
-        tok_lp = lp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        lens = torch.tensor(batch.completion_lens, device=logits.device)
+        h, targets, valid, hidden, batch = self._forward(prompts, completions)
+        k = targets.shape[1]
+        st = completion_token_stats(h, targets, valid, self._head_fp32, temperature, self.suppress_ids,
+                                    kl_temperature=kl_temperature, entropy_grad=entropy_grad,
+                                    chunk=self.settings.logprob_chunk)
+        tok_lp = st.logprobs_B_K
+        lens = torch.tensor(batch.completion_lens, device=h.device)
         start = (k - lens).unsqueeze(1)
-        pos = torch.arange(k, device=logits.device).unsqueeze(0)
-        thought = valid & (pos < start + torch.tensor(list(n_thoughts), device=logits.device).unsqueeze(1))
+        pos = torch.arange(k, device=h.device).unsqueeze(0)
+        thought = valid & (pos < start + torch.tensor(list(n_thoughts), device=h.device).unsqueeze(1))
         weights = valid.float() + (thought_coef - 1.0) * thought.float()
         logprob = (tok_lp * weights).sum(-1)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent_tok = entropy_of(lp_all)
-        entropy = (ent_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+        entropy = (st.entropy_B_K * valid).sum(-1) / valid.sum(-1).clamp_min(1)
         values = self.value_head(hidden)
         token_lps = [tok_lp[i, k - n:].detach() for i, n in enumerate(batch.completion_lens)]
         thought_lps = None
         if kl_temperature is not None:
             # The model's own distribution, vision tokens not masked: what the teacher scores with.
-            src = torch.log_softmax(raw / kl_temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            src = st.kl_logprobs_B_K
             thought_lps = [src[i, k - n:k - n + nt].detach()
                            for i, (n, nt) in enumerate(zip(batch.completion_lens, n_thoughts, strict=True))]
         return Scores(logprob, values, entropy, token_lps, thought_lps)
@@ -244,12 +238,12 @@ class Policy:
     def masked_ce(self, prompts, completions, n_masked: Sequence[int]) -> torch.Tensor:
         """Mean cross-entropy (untempered) over the first n_masked[i] completion tokens of each
         item: the SFT loss on thought tokens (or on the whole target with n = its length)."""
-        logits, _, targets, valid, _, batch = self._forward(prompts, completions)
-        k = logits.shape[1]
-        lens = torch.tensor(batch.completion_lens, device=logits.device)
+        h, targets, valid, _, batch = self._forward(prompts, completions)
+        k = targets.shape[1]
+        lens = torch.tensor(batch.completion_lens, device=h.device)
         start = (k - lens).unsqueeze(1)
-        pos = torch.arange(k, device=logits.device).unsqueeze(0)
-        sel = valid & (pos < start + torch.tensor(list(n_masked), device=logits.device).unsqueeze(1))
-        nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (nll * sel).sum() / sel.sum().clamp_min(1)
-
+        pos = torch.arange(k, device=h.device).unsqueeze(0)
+        sel = valid & (pos < start + torch.tensor(list(n_masked), device=h.device).unsqueeze(1))
+        st = completion_token_stats(h, targets, sel, self._head_fp32, 1.0, self.suppress_ids, entropy=False,
+                                    chunk=self.settings.logprob_chunk)
+        return -(st.logprobs_B_K * sel).sum() / sel.sum().clamp_min(1)
