@@ -95,5 +95,14 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     return build_config(model, data, overrides, source=str(path or "config"))
 
 
+def url_list(value: str | list[str]) -> list[str]:
+    """One URL or several (replicas): a list, or one string with commas. Empty entries dropped."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    urls = [u.strip().rstrip("/") for u in items if u and u.strip()]
+    if not urls:
+        raise ConfigError("no URL given")
+    return urls
+
+
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

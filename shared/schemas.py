@@ -42,6 +42,15 @@ class Observation(Response):
     admissible_actions: list[str] | None = None
 
 
+class ObservationSpec(Response):
+    """What every observation of an env holds, so a client can declare a true space for it."""
+
+    image_shape: list[int] | None = None
+    """[height, width, 3] of every observation image; null: the env sends no image."""
+    admissible_actions: bool = False
+    """Observations list the admissible actions (ALFWorld); otherwise that field is null."""
+
+
 class EnvSpec(Response):
     env_id: str
     description: str = ""
@@ -50,6 +59,7 @@ class EnvSpec(Response):
     actions: list[str] | None = None
     """The action vocabulary (null where it depends on the state, as in ALFWorld)."""
     max_steps: int | None = None
+    observation: ObservationSpec = ObservationSpec()
 
 
 class EnvList(Response):

@@ -201,6 +201,7 @@ class AlfWorldEnv(TextActionEnv):
     default_options = {"split": "auto", "task_types": [1, 2, 3, 4, 5, 6], "game": None, "max_steps": 50,
                        "data_path": None}
     max_steps = 50
+    lists_admissible_actions = True
     fast = False  # a step is ~20 ms and a reset may load a game: one worker per session in a batch
 
     def _check_options(self) -> None:

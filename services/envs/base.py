@@ -79,6 +79,10 @@ class TextActionEnv:
     description: ClassVar[str] = ""
     default_options: ClassVar[dict[str, Any]] = {}
     max_steps: ClassVar[int | None] = None
+    image_shape: ClassVar[tuple[int, int, int] | None] = None
+    """(height, width, 3) of every observation image; None for text-only envs."""
+    lists_admissible_actions: ClassVar[bool] = False
+    """Observations carry `admissible_actions` (otherwise it is None)."""
     fast: ClassVar[bool] = True
     """Steps take well under a millisecond (batched steps share workers)."""
 

@@ -36,6 +36,7 @@ def card_name(rank: int, suit: str) -> str:
 class CardFormulaEnv(TextActionEnv):
     """Shared mechanics: a hand of cards, a formula of tokens, '=' to evaluate."""
 
+    image_shape = (render.SIZE, render.SIZE, 3)
     operators: ClassVar[tuple[str, ...]] = ("+", "-", "*", "/", "(", ")")
     n_cards: ClassVar[int] = 4
 

@@ -23,6 +23,7 @@ class NumberLineEnv(TextActionEnv):
     description = "RL4VLM's NumberLine: move the current number to the target with '+' / '-' (+1 on reaching it)."
     default_options = {"max_position": 5, "text_state": False}
     max_steps = 10
+    image_shape = (render.SIZE, render.SIZE, 3)
 
     def _check_options(self) -> None:
         m = self.options["max_position"]

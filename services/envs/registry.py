@@ -52,6 +52,8 @@ class Registry:
             out.append({"env_id": env_id, "description": cls.description,
                         "options": {**cls.default_options, **self.defaults.get(env_id, {})},
                         "actions": actions, "max_steps": cls.max_steps,
+                        "observation": {"image_shape": list(cls.image_shape) if cls.image_shape else None,
+                                        "admissible_actions": cls.lists_admissible_actions},
                         "available": reason is None, "unavailable_reason": reason})
         return out
 

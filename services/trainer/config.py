@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from shared.config import StrictModel, load_config
+from shared.config import StrictModel, load_config, url_list
 
 LANGUAGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +45,9 @@ class ModelSettings(StrictModel):
 
 
 class EnvSettings(StrictModel):
-    url: str = "http://127.0.0.1:8100"
+    url: str | list[str] = "http://127.0.0.1:8100"
+    """The env service, or several replicas (a YAML list, or URLs separated by commas): sessions are
+    spread over them, and a failed replica's sessions are replaced on the others."""
     env_id: str = "points24"
     options: dict[str, Any] = Field(default_factory=dict)
     num_envs: int = Field(default=4, ge=1)
@@ -53,6 +55,13 @@ class EnvSettings(StrictModel):
     """Steps per env per update: one update's batch is num_envs x num_steps."""
     timeout_s: float = 60.0
     retries: int = 4
+    """Retries of the idempotent routes (reads, session creation); steps and resets are sent once."""
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, v):
+        url_list(v)  # fails at start-up on an empty list
+        return v
 
 
 class TeacherSettings(StrictModel):
