@@ -6,9 +6,9 @@ response models allow extras so that an older client keeps working against a new
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class Request(BaseModel):
@@ -30,6 +30,26 @@ class Health(Response):
 
 
 # --------------------------------------------------------------------------- env service (§3.1)
+
+MAX_OPTIONS_DEPTH = 16
+"""Env options nest at most this deep (a legal option is a flat value or a short list; a deeper
+structure could not even be pickled to an env worker process)."""
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="A non-negative seed (at most 2^64 - 1).")]
+
+
+def _shallow(value: Any) -> Any:
+    """Refuse options nested deeper than `MAX_OPTIONS_DEPTH` (iteratively: no recursion limit here)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_OPTIONS_DEPTH:
+                raise ValueError(f"options nest deeper than {MAX_OPTIONS_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+EnvOptions = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class Observation(Response):
@@ -68,8 +88,8 @@ class EnvList(Response):
 
 class CreateSessionRequest(Request):
     env_id: str
-    seed: int | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    seed: Seed | None = None
+    options: EnvOptions = Field(default_factory=dict)
 
 
 class SessionResponse(Response):
@@ -79,8 +99,8 @@ class SessionResponse(Response):
 
 
 class ResetRequest(Request):
-    seed: int | None = None
-    options: dict[str, Any] | None = None
+    seed: Seed | None = None
+    options: EnvOptions | None = None
 
 
 class ResetResponse(Response):

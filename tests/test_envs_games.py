@@ -12,10 +12,11 @@ import pytest
 from services.envs.base import EnvOptionError, EpisodeOver
 from services.envs.cardgames import EZPointsEnv, Points24Env
 from services.envs.experts import NoExpertAction, expert_answer, expert_demo
-from services.envs.formula import FormulaError, evaluate, solutions, solvable_bruteforce, solve
+from services.envs.formula import FormulaError, evaluate, solutions, solve
 from services.envs.numberline import NumberLineEnv
 from services.envs.parsing import parse_answer
 from services.envs.registry import ENVS
+from tests.points24_bruteforce import solvable_bruteforce
 
 
 def act(a: str, **extra) -> str:
@@ -115,6 +116,50 @@ def test_unary_minus_is_not_a_move():
         evaluate(["-", "3", "+", "27"])
 
 
+def _random_formula(rng: random.Random, depth: int = 0) -> list[str]:
+    if depth > 3 or rng.random() < 0.3:
+        return [str(rng.randint(0, 12))]
+    if rng.random() < 0.25:
+        return ["(", *_random_formula(rng, depth + 1), ")"]
+    return [*_random_formula(rng, depth + 1), rng.choice("+-*/"), *_random_formula(rng, depth + 1)]
+
+
+def test_evaluate_agrees_with_python_and_refuses_garbage():
+    """Precedence, associativity and parentheses as Python's own parser reads them (exact Fractions)."""
+    from fractions import Fraction
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = _random_formula(rng)
+        try:
+            expected = eval(" ".join(f"Fraction({t})" if t.isdigit() else t for t in tokens), {"Fraction": Fraction})
+        except ZeroDivisionError:
+            with pytest.raises(FormulaError, match="division by zero"):
+                evaluate(tokens)
+            continue
+        assert evaluate(tokens) == expected, tokens
+    vocab = [str(i) for i in range(1, 11)] + list("+-*/()")
+    for _ in range(3000):  # any token soup: a value or FormulaError, nothing else
+        tokens = [rng.choice(vocab) for _ in range(rng.randint(1, 9))]
+        try:
+            evaluate(tokens)
+        except FormulaError:
+            pass
+    for bad in (["(", ")"], ["3", ")"], ["(", "3"], ["3", "+"], ["3", "(", "3", ")"], [")", "3"]):
+        with pytest.raises(FormulaError):
+            evaluate(bad)
+
+
+def test_a_formula_nested_1500_deep_is_evaluated_not_an_env_error():
+    """A legal formula of 1,500 nested parentheses (issue 11.7): recursive descent hit Python's
+    recursion limit and failed the session."""
+    deep = ["("] * 1500 + "8 / ( 3 - 8 / 3 )".split() + [")"] * 1500
+    assert evaluate(deep) == 24
+    env = p24(["8H", "3S", "8D", "3C"], max_formula_len=len(deep))
+    last, steps = play(env, [*deep, "="])
+    assert last.reward == 10.0 and last.info["won"] and all(r.reward == 0.0 for r in steps[:-1])
+
+
 def test_unparseable_or_unknown_action_is_penalised_never_random():
     env = p24(["6H", "4S", "KD", "AC"])
     for output in ["I think 6", '{"action": 6}', '{"thoughts": "x"}', act("six"), act("6 *"), ""]:
@@ -168,6 +213,14 @@ def test_solvable_only_deals_solvable_hands():
         assert info["expert_action"] is not None
 
 
+def test_a_negative_seed_is_an_option_error_and_the_env_goes_on():
+    env = Points24Env()
+    env.reset(seed=3)
+    with pytest.raises(EnvOptionError, match="non-negative"):
+        env.reset(seed=-1)
+    assert env.step(act("(")).info["formula"] == "("
+
+
 def test_options_are_validated():
     with pytest.raises(EnvOptionError):
         Points24Env(bogus=1)
@@ -209,9 +262,22 @@ def test_expert_wins_every_solvable_hand():
     assert wins == 40
 
 
+def test_expert_answer_in_the_info_follows_the_instruction():
+    """The env formats the expert's answer itself (SFT-init trains on it without knowing formats)."""
+    env = p24(["8H", "3S", "QD", "3C"])
+    env.step(act("8"))
+    answer = json.loads(env.step(act("/")).info["expert_answer"])
+    assert answer["cards"] == [8, 3, 10, 3] and answer["formula"] == "8 /" and answer["action"]
+    assert '"cards"' in env.instruction()
+    env = p24(["8H", "3S", "QD", "3C"], ask_cards=False)
+    answer = json.loads(env.reset(options={"cards": ["8H", "3S", "8D", "3C"]})[1]["expert_answer"])
+    assert set(answer) == {"thoughts", "action"} and '"cards"' not in env.instruction()
+
+
 def test_expert_has_no_action_on_unsolvable_hand():
     env = p24(["AH", "AS", "AD", "AC"])
     assert env.expert()[0] is None
+    assert env.reset(options={"cards": ["AH", "AS", "AD", "AC"]})[1]["expert_answer"] is None
     with pytest.raises(NoExpertAction):
         expert_demo(env)
 
@@ -384,7 +450,8 @@ def test_adler32_combine_matches_zlib():
         assert adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
 
 
-REQUIRED_INFO = {"format_ok", "action_valid", "action", "won", "expert_action", "expert_thoughts", "event"}
+REQUIRED_INFO = {"format_ok", "action_valid", "action", "won", "expert_action", "expert_thoughts", "expert_answer",
+                 "event"}
 
 
 @pytest.mark.parametrize("env_id", [e for e in ENVS if e != "alfworld-thor"])
@@ -403,7 +470,9 @@ def test_every_env_keeps_the_contract(env_id):
     r = env.step("no json here")
     assert REQUIRED_INFO <= set(r.info) and r.reward < 0 and not r.info["format_ok"] and r.info["action"] is None
     action = r.info["expert_action"]
-    if action is not None:
+    if action is not None:  # the formatted answer says the same, in the instruction's format
+        parsed = parse_answer(r.info["expert_answer"])
+        assert parsed.action == action and parsed.thoughts == r.info["expert_thoughts"]
         legal = obs.admissible_actions if obs.admissible_actions is not None else env.actions()
         assert action in (r.observation.admissible_actions or legal)
         r = env.step(act(action))

@@ -198,23 +198,32 @@ class AlfWorldEnv(TextActionEnv):
     env_id = "alfworld"
     description = ("ALFWorld's text engine (TextWorld PDDL): household tasks; reward 50 x won + goal-condition "
                    "rate, -1 for an inadmissible action; 50 steps.")
-    default_options = {"split": "auto", "task_types": [1, 2, 3, 4, 5, 6], "game": None, "max_steps": 50,
-                       "data_path": None}
+    default_options = {"split": "auto", "task_types": [1, 2, 3, 4, 5, 6], "game": None, "max_steps": 50}
     max_steps = 50
     lists_admissible_actions = True
     fast = False  # a step is ~20 ms and a reset may load a game: one worker per session in a batch
 
+    def __init__(self, *, data_root: str | None = None, **options: Any):
+        """`data_root`: an alfworld-download tree (default: `ALFWORLD_DATA`). Server configuration,
+        never a session option: a client must not choose which directories the service reads."""
+        self.data_root = data_root or os.environ.get("ALFWORLD_DATA") or None
+        super().__init__(**options)
+
     def _check_options(self) -> None:
         o = self.options
-        if o["split"] not in ("auto", "bundled", *SPLITS):
+        if not isinstance(o["split"], str) or o["split"] not in ("auto", "bundled", *SPLITS):
             raise EnvOptionError(f"alfworld: option 'split' must be one of auto, bundled, {', '.join(SPLITS)}")
         tt = o["task_types"]
-        if not isinstance(tt, list) or not tt or any(t not in TASK_TYPES for t in tt):
-            raise EnvOptionError(f"alfworld: option 'task_types' must be a non-empty list of {sorted(TASK_TYPES)}")
-        if not isinstance(o["max_steps"], int) or not 1 <= o["max_steps"] <= 1000:
+        if (not isinstance(tt, list) or not tt
+                or any(isinstance(t, bool) or not isinstance(t, int) or t not in TASK_TYPES for t in tt)):
+            raise EnvOptionError(f"alfworld: option 'task_types' must be a non-empty list of integers from "
+                                 f"{sorted(TASK_TYPES)}")
+        if o["game"] is not None and not isinstance(o["game"], str):
+            raise EnvOptionError("alfworld: option 'game' must be a game's name (a string) or null")
+        if isinstance(o["max_steps"], bool) or not isinstance(o["max_steps"], int) or not 1 <= o["max_steps"] <= 1000:
             raise EnvOptionError("alfworld: option 'max_steps' must be an integer in 1..1000")
         self._modules = _alfworld_modules()  # raises EnvUnavailable with the install hint
-        data_path = o["data_path"] or os.environ.get("ALFWORLD_DATA")
+        data_path = self.data_root
         split = o["split"]
         if split == "auto":
             split = "train" if data_path and (Path(data_path) / "json_2.1.1").is_dir() else "bundled"
@@ -224,7 +233,8 @@ class AlfWorldEnv(TextActionEnv):
             games = [g for g in games if json.loads((g.parent / "traj_data.json").read_text())["task_type"] in wanted]
         else:
             if not data_path:
-                raise EnvUnavailable(f"alfworld split {split!r} needs ALFWORLD_DATA (an alfworld-download tree)")
+                raise EnvUnavailable(f"alfworld split {split!r} needs game data: serve with --alfworld-data DIR "
+                                     "(or ALFWORLD_DATA), an alfworld-download tree")
             games = dataset_games(data_path, split, tt)
         if o["game"] is not None:
             games = [g for g in games if g.parent.name == o["game"] or str(g.parent).endswith(str(o["game"]))]
@@ -321,11 +331,10 @@ class AlfWorldEnv(TextActionEnv):
         return action, _thought_for(action, self.task)
 
     def _info(self, parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, event: str = "") -> dict:
-        expert_action, expert_thoughts = self.expert()
         return base_info(parsed, action, valid, won, task=self.task, task_type=self.task_type,
                          goal_condition_rate=self.gc_rate, game=self._gamefile.parent.name, split=self.split,
                          steps=self.steps, event=event, admissible_actions=list(self.admissible),
-                         expert_action=expert_action, expert_thoughts=expert_thoughts)
+                         **self.expert_info())
 
     def _obs(self, feedback: str) -> Obs:
         self.last_feedback = feedback

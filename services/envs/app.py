@@ -85,8 +85,8 @@ class Metrics:
 def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[TextActionEnv]] | None = None) -> FastAPI:
     settings = settings or EnvServiceSettings()
     metrics = Metrics()
-    defaults = {"alfworld": {"data_path": settings.alfworld_data}} if settings.alfworld_data else {}
-    registry = Registry(envs, defaults)
+    server_config = {"alfworld": {"data_root": settings.alfworld_data}} if settings.alfworld_data else {}
+    registry = Registry(envs, server_config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

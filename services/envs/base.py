@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
-import numpy as np
 from gymnasium.utils import seeding
 from PIL import Image
 
-from services.envs.parsing import ParsedAnswer, parse_answer
+from services.envs.parsing import ParsedAnswer, format_answer, parse_answer
 
 JSON_FORMAT_NOTE = 'Answer with one JSON object: {"thoughts": "...", "action": "..."}.'
 
@@ -120,7 +119,10 @@ class TextActionEnv:
     # -- gymnasium-style API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
         if seed is not None:
-            self.np_random, _ = seeding.np_random(int(seed))
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                # (gymnasium's seeding raises a plain Error here, which would fail the session)
+                raise EnvOptionError(f"{self.env_id}: seed must be a non-negative integer, got {seed!r}")
+            self.np_random, _ = seeding.np_random(seed)
         out = self._reset(options or {})
         self.done = False
         return out
@@ -136,13 +138,25 @@ class TextActionEnv:
         """Uniform integer in [low, high] from the env's generator."""
         return int(self.np_random.integers(low, high + 1))
 
+    # -- expert ----------------------------------------------------------------------------------
+    def expert(self) -> tuple[str | None, str]:
+        """(the expert's next action or None, a thought that explains it)."""
+        return None, "no expert for this env"
+
+    def answer_fields(self) -> dict[str, Any]:
+        """Fields beside "thoughts" and "action" that this env's answer format asks for."""
+        return {}
+
+    def expert_info(self) -> dict[str, Any]:
+        """The expert's step for the info of every observation: its action, its thoughts, and the
+        whole answer in the format the instruction asks for (what SFT-init trains on, DESIGN §4)."""
+        action, thoughts = self.expert()
+        answer = None if action is None else format_answer(thoughts, action, **self.answer_fields())
+        return {"expert_action": action, "expert_thoughts": thoughts, "expert_answer": answer}
+
 
 class EpisodeOver(RuntimeError):
     """step() after the episode ended (the service answers 409)."""
-
-
-def as_array(image: Image.Image | None) -> np.ndarray | None:
-    return None if image is None else np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def base_info(parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, **extra: Any) -> dict[str, Any]:

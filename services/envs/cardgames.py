@@ -180,13 +180,12 @@ class CardFormulaEnv(TextActionEnv):
 
     # -- observation -------------------------------------------------------------------------------
     def _info(self, parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, event: str = "") -> dict:
-        expert_action, expert_thoughts = self.expert()
         return base_info(
             parsed, action, valid, won,
             cards=[card_name(r, s) for r, s in self.cards], numbers=list(self.numbers),
             formula=" ".join(self.formula), formula_tokens=list(self.formula), target=self.target,
             tokens_left=max(0, self.options["max_formula_len"] - self.budget_used), event=event,
-            expert_action=expert_action, expert_thoughts=expert_thoughts,
+            **self.expert_info(),
         )
 
     def _formula_text(self) -> str:
@@ -219,6 +218,12 @@ class Points24Env(CardFormulaEnv):
 
     def _deal(self) -> list[tuple[int, str]]:
         return [(self.rng_int(1, 13), SUITS[self.rng_int(0, 3)]) for _ in range(self.n_cards)]
+
+    def answer_fields(self) -> dict[str, Any]:
+        """The format with `ask_cards` asks for the card values and the formula so far."""
+        if not self.options["ask_cards"]:
+            return {}
+        return {"cards": list(self.numbers), "formula": " ".join(self.formula)}
 
     def instruction(self) -> str:
         faces = ("Note that 'J', 'Q', and 'K' count as '10'" if self.options["face_cards_as_10"]

@@ -1,5 +1,6 @@
 """Experts for demonstrations (SFT-init, DESIGN §4): in process here, over HTTP through
-`info["expert_action"]` / `info["expert_thoughts"]`, which every observation carries.
+`info["expert_action"]` / `info["expert_thoughts"]` / `info["expert_answer"]`, which every
+observation carries (`TextActionEnv.expert_info`).
 
 - Points24 / EZPoints: the exact solver (`formula.solutions`) plans a formula that extends the
   current one; the expert appends its next token, then '='. No plan (an unsolvable hand, or a
@@ -11,8 +12,6 @@
 from __future__ import annotations
 
 from services.envs.base import TextActionEnv
-from services.envs.formula import solutions, solvable_bruteforce, solve  # noqa: F401 - the Points24 solver
-from services.envs.parsing import format_answer
 
 
 class NoExpertAction(RuntimeError):
@@ -29,8 +28,5 @@ def expert_demo(env: TextActionEnv) -> tuple[str, str]:
 
 def expert_answer(env: TextActionEnv) -> str:
     """The full JSON answer an ideal agent writes, in the env's requested format."""
-    thoughts, action = expert_demo(env)
-    extra = {}
-    if env.env_id == "points24" and env.options.get("ask_cards", True):
-        extra = {"cards": list(env.numbers), "formula": " ".join(env.formula)}
-    return format_answer(thoughts, action, **extra)
+    expert_demo(env)  # raises when there is no action
+    return env.expert_info()["expert_answer"]

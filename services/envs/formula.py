@@ -27,62 +27,62 @@ def is_number(token: str) -> bool:
 
 def evaluate(tokens: list[str] | tuple[str, ...]) -> Fraction:
     """Exact value of a token list: expr := term (('+'|'-') term)*, term := atom (('*'|'/') atom)*,
-    atom := number | '(' expr ')'."""
-    pos = 0
+    atom := number | '(' expr ')'.
 
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def atom() -> Fraction:
-        nonlocal pos
-        tok = peek()
-        if tok is None:
-            raise FormulaError("formula ends too early")
-        if tok == "(":
-            pos += 1
-            value = expr()
-            if peek() != ")":
-                raise FormulaError("unbalanced parentheses")
-            pos += 1
-            return value
-        if is_number(tok):
-            pos += 1
-            if peek() is not None and (is_number(peek()) or peek() == "("):
-                raise FormulaError(f"a number cannot follow {tok!r} directly")
-            return Fraction(int(tok))
-        raise FormulaError(f"unexpected {tok!r}")
-
-    def term() -> Fraction:
-        nonlocal pos
-        value = atom()
-        while peek() in ("*", "/"):
-            op = tokens[pos]
-            pos += 1
-            rhs = atom()
-            if op == "*":
-                value *= rhs
-            else:
-                if rhs == 0:
-                    raise FormulaError("division by zero")
-                value /= rhs
-        return value
-
-    def expr() -> Fraction:
-        nonlocal pos
-        value = term()
-        while peek() in ("+", "-"):
-            op = tokens[pos]
-            pos += 1
-            rhs = term()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
+    Operator precedence with explicit stacks, not recursive descent: a legal formula may nest
+    parentheses as deep as its length allows (`max_formula_len` is the client's to choose), and
+    Python's recursion limit must not turn that into an env error."""
     if not tokens:
         raise FormulaError("empty formula")
-    value = expr()
-    if pos != len(tokens):
-        raise FormulaError(f"unexpected {tokens[pos]!r}")
-    return value
+    values: list[Fraction] = []
+    ops: list[str] = []  # operators and open parentheses not applied yet
+
+    def apply() -> None:
+        op = ops.pop()
+        rhs, lhs = values.pop(), values.pop()
+        if op == "+":
+            values.append(lhs + rhs)
+        elif op == "-":
+            values.append(lhs - rhs)
+        elif op == "*":
+            values.append(lhs * rhs)
+        else:
+            if rhs == 0:
+                raise FormulaError("division by zero")
+            values.append(lhs / rhs)
+
+    expect_operand = True  # the grammar's state: an atom comes next, or an operator / ')'
+    for i, tok in enumerate(tokens):
+        if expect_operand:
+            if tok == "(":
+                ops.append(tok)
+            elif is_number(tok):
+                values.append(Fraction(int(tok)))
+                expect_operand = False
+            else:
+                raise FormulaError(f"unexpected {tok!r}")
+        elif tok == ")":
+            while ops and ops[-1] != "(":
+                apply()
+            if not ops:
+                raise FormulaError(f"unexpected {tok!r}")
+            ops.pop()
+        elif tok in PRECEDENCE:
+            while ops and ops[-1] != "(" and PRECEDENCE[ops[-1]] >= PRECEDENCE[tok]:
+                apply()
+            ops.append(tok)
+            expect_operand = True
+        elif is_number(tok) or tok == "(":
+            raise FormulaError(f"a number cannot follow {tokens[i - 1]!r} directly")
+        else:
+            raise FormulaError(f"unexpected {tok!r}")
+    if expect_operand:
+        raise FormulaError("formula ends too early")
+    while ops:
+        if ops[-1] == "(":
+            raise FormulaError("unbalanced parentheses")
+        apply()
+    return values[0]
 
 
 # ------------------------------------------------------------------------------------ solver
@@ -213,24 +213,3 @@ def completion(numbers, target: int, prefix: list[str] | tuple[str, ...], ops: t
         if sol[: len(prefix)] == prefix:
             return sol
     return None
-
-
-def solvable_bruteforce(numbers, target: int, ops: tuple[str, ...] = OPERATORS) -> bool:
-    """Independent check for tests: repeatedly replace two numbers by their combination."""
-    vals = [Fraction(x) for x in numbers]
-
-    def rec(vs: list[Fraction]) -> bool:
-        if len(vs) == 1:
-            return vs[0] == target
-        for i, j in itertools.permutations(range(len(vs)), 2):
-            rest = [v for k, v in enumerate(vs) if k not in (i, j)]
-            a, b = vs[i], vs[j]
-            for op in ops:
-                if op == "/" and b == 0:
-                    continue
-                r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op != "/" else a / b
-                if rec(rest + [r]):
-                    return True
-        return False
-
-    return rec(vals)

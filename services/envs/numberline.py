@@ -79,9 +79,8 @@ class NumberLineEnv(TextActionEnv):
         return "-", f"The current number is {p} and the target is {g}; {p} is greater than {g}, so I subtract one."
 
     def _info(self, parsed: ParsedAnswer, action: str | None, valid: bool, won: bool = False, event: str = "") -> dict:
-        expert_action, expert_thoughts = self.expert()
         return base_info(parsed, action, valid, won, target=self.goal, current=self.position, event=event,
-                         expert_action=expert_action, expert_thoughts=expert_thoughts)
+                         **self.expert_info())
 
     def instruction(self) -> str:
         state = "The image shows the target and the current position."

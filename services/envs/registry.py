@@ -23,12 +23,13 @@ class UnknownEnv(KeyError):
 
 
 class Registry:
-    """The env classes plus per-env option defaults set by the operator (e.g. ALFWorld's data path)."""
+    """The env classes, plus per-env server configuration given to their constructors beside the
+    client's options (ALFWorld's `data_root`): set by the operator, never by a client."""
 
     def __init__(self, envs: dict[str, type[TextActionEnv]] | None = None,
-                 defaults: dict[str, dict[str, Any]] | None = None):
+                 server_config: dict[str, dict[str, Any]] | None = None):
         self.envs = dict(ENVS if envs is None else envs)
-        self.defaults = defaults or {}
+        self.server_config = server_config or {}
 
     def unavailable_reason(self, env_id: str) -> str | None:
         cls = self.envs[env_id]
@@ -50,7 +51,7 @@ class Registry:
                 except (EnvOptionError, EnvUnavailable):
                     actions = None
             out.append({"env_id": env_id, "description": cls.description,
-                        "options": {**cls.default_options, **self.defaults.get(env_id, {})},
+                        "options": dict(cls.default_options),
                         "actions": actions, "max_steps": cls.max_steps,
                         "observation": {"image_shape": list(cls.image_shape) if cls.image_shape else None,
                                         "admissible_actions": cls.lists_admissible_actions},
@@ -63,4 +64,10 @@ class Registry:
         reason = self.unavailable_reason(env_id)
         if reason is not None:
             raise EnvUnavailable(f"{env_id}: {reason}")
-        return self.envs[env_id](**{**self.defaults.get(env_id, {}), **(options or {})})
+        cls = self.envs[env_id]
+        options = options or {}
+        # Checked before the call: an option named like a server setting must not reach it.
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            raise EnvOptionError(f"{env_id}: unknown option(s) {unknown}; known: {sorted(cls.default_options)}")
+        return cls(**options, **self.server_config.get(env_id, {}))

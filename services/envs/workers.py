@@ -405,7 +405,7 @@ class Sessions:
 
     # -- lifecycle of the shards ---------------------------------------------------------------------
     def _spawn(self, index: int) -> ProcessShard:
-        return ProcessShard(index, self.registry.envs, self.registry.defaults, self.ttl_s, self.threads,
+        return ProcessShard(index, self.registry.envs, self.registry.server_config, self.ttl_s, self.threads,
                             self._apply_events, self._shard_died)
 
     async def start(self) -> None:

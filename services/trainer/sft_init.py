@@ -1,8 +1,8 @@
 """`gtr sft`: SFT-init from the env experts, folded into a new base model directory.
 
 Demonstrations come from the env service: every observation's info carries the expert's next
-action (`expert_action`) and a thought written from its plan (`expert_thoughts`). The target is
-the JSON answer the env's instruction asks for. We train LoRA with cross-entropy on the target
+action (`expert_action`), a thought written from its plan (`expert_thoughts`), and the whole JSON
+answer the env's instruction asks for (`expert_answer`), which is the target. We train LoRA with cross-entropy on the target
 tokens, then merge the adapter into the weights (`merge_and_unload`) and save a full model +
 processor files that the trainer and the teacher both load as their base (DESIGN §4).
 """
@@ -55,19 +55,13 @@ class SFTConfig(StrictModel):
     progress: bool = True
 
 
-def format_target(info: dict[str, Any], instruction: str) -> str:
-    """The expert's answer in the env's JSON format (the env's own formatter when available)."""
-    try:
-        from services.envs.parsing import format_answer
-    except ImportError:  # the trainer image may ship without the env package
-
-        def format_answer(thoughts, action, **extra):
-            return json.dumps({**extra, "thoughts": thoughts, "action": action}, ensure_ascii=False)
-
-    extra: dict[str, Any] = {}
-    if '"cards"' in instruction and "numbers" in info:  # Points24's format asks for the cards and formula too
-        extra = {"cards": info["numbers"], "formula": info.get("formula", "")}
-    return format_answer(info.get("expert_thoughts") or "", info["expert_action"], **extra)
+def format_target(info: dict[str, Any]) -> str:
+    """The expert's answer as the env formats it (`info["expert_answer"]`: the env knows its
+    answer format, the trainer does not)."""
+    answer = info.get("expert_answer")
+    if not isinstance(answer, str):
+        raise RuntimeError("the env's info carries no expert_answer beside expert_action; update the env service")
+    return answer
 
 
 def collect_demonstrations(cfg: SFTConfig) -> tuple[list[tuple[list[dict], str]], dict[str, Any]]:
@@ -82,7 +76,7 @@ def collect_demonstrations(cfg: SFTConfig) -> tuple[list[tuple[list[dict], str]]
                 if cur.info.get("expert_action") is None:
                     break  # the expert has nothing to do (unsolvable hand, or already done)
                 messages = observation_messages(cur.observation)
-                target = format_target(cur.info, cur.observation.instruction)
+                target = format_target(cur.info)
                 pairs.append((messages, target))
                 cur = pool.step([target])[0]
                 if cur.terminated or cur.truncated:
