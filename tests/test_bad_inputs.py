@@ -20,7 +20,6 @@ from shared.codecs import image_to_b64
 # Cases whose fix has not landed yet, by owner. Strict: a fixed case XPASSes and fails the suite,
 # so whoever lands the fix deletes its id here in the same commit.
 TEACHER = "teacher helper (wt/teacher)"
-ENVS = "env helper (wt/envsvc)"
 PENDING = {
     **{f"{c}-{r}": TEACHER for r in ("logits", "generate") for c in (
         "decompression-bomb-20000x20000", "aspect-ratio-4000x1", "20MB-compressed-text-chunk",
@@ -28,7 +27,6 @@ PENDING = {
         "lone-surrogate")},
     "vanishing-temperature": TEACHER, "seed-2**64": TEACHER, "seed--1": TEACHER,
     "alpha_pattern-value-a-string": TEACHER, "rank_pattern-key-not-a-regex": TEACHER, "json-nested-100k-deep": TEACHER,
-    "options-nested-900-deep": ENVS, "alfworld-task_types-nested-list": ENVS, "alfworld-data_path-not-a-string": ENVS,
 }
 
 
