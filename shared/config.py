@@ -106,3 +106,65 @@ def url_list(value: str | list[str]) -> list[str]:
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- CLI flags from models
+# A setting is declared once, as a pydantic field with its constraint and docstring; these two
+# functions derive its argparse flag and read it back. (pydantic-settings' CLI source would name
+# nested fields `--merge.method`; our flag names are a contract, so the mapping stays explicit.)
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None, bool]:
+    """(argparse type, choices, is_bool) of a field annotation such as `int | None` or a Literal."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is typing.Literal:
+        return type(args[0]), list(args), False
+    if annotation is bool:
+        return None, None, True
+    if annotation in (int, float, str):
+        return annotation, None, False
+    raise TypeError(f"no CLI flag for a field of type {annotation!r}")
+
+
+def add_model_arguments(parser, model: type[BaseModel], dest_prefix: str = "", flag_prefix: str = "",
+                        rename: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Add one flag per field of `model`: `--{flag_prefix}{field-name}` unless `rename` names it.
+
+    Flags default to None, so an unset flag leaves the field's own default; the help text is the
+    field's docstring plus its default. Returns {argparse dest: field name} for `arguments_to_data`.
+    """
+    from pydantic_core import PydanticUndefined
+
+    rename = rename or {}
+    dests: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + rename.get(name, flag_prefix + name.replace("_", "-"))
+        dest = dest_prefix + name
+        typ, choices, is_bool = _flag_type(field.annotation)
+        required = field.default is PydanticUndefined and field.default_factory is None
+        help_text = (field.description or "").strip().replace("%", "%%")
+        if not required and not is_bool and field.default is not None and field.default_factory is None:
+            help_text += f" (default {field.default})"
+        kw: dict[str, Any] = {"dest": dest, "help": help_text or None}
+        if is_bool:
+            kw.update(action="store_true", default=None)
+        else:
+            kw.update(type=typ, default=None, required=required, metavar=name.upper())
+            if choices:
+                kw["choices"] = choices
+        parser.add_argument(flag, **kw)
+        dests[dest] = name
+    return dests
+
+
+def arguments_to_data(args, dests: dict[str, str]) -> dict[str, Any]:
+    """The flags the user set, as {field name: value} (unset flags left out: the defaults apply)."""
+    return {field: getattr(args, dest) for dest, field in dests.items() if getattr(args, dest, None) is not None}

@@ -1,14 +1,16 @@
 """HTTP API schemas of DESIGN §3, imported by both servers and clients.
 
-Request models forbid unknown fields (a typo is a 422, not a silently ignored option);
-response models allow extras so that an older client keeps working against a newer server.
+Request models forbid unknown fields (a typo is a 422, not a silently ignored option).
+Response models (`DeclaredResponse`) declare every field a service sends: the route's
+`response_model` drops anything undeclared, so `/docs` and the typed clients see exactly what
+goes over the wire.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 
 class Request(BaseModel):
@@ -16,7 +18,16 @@ class Request(BaseModel):
 
 
 class Response(BaseModel):
+    # extra="allow" only until the env service declares every field it sends (issue 16);
+    # new and teacher models derive from DeclaredResponse.
     model_config = ConfigDict(extra="allow")
+
+
+class DeclaredResponse(BaseModel):
+    """Every field declared: `response_model` drops anything else, and a client ignores fields
+    it does not know (an older client keeps working against a newer server)."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class ErrorResponse(Response):
@@ -149,6 +160,22 @@ class BatchStepResult(Response):
 
 # ------------------------------------------------------------------------ teacher service (§3.2)
 
+MIN_TEMPERATURE = 1e-3
+"""Below this, logits / T overflows fp32 on real logit scales (1e-45 gives NaN log-probs)."""
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
+"""Seeds are int64 (torch.Generator, vLLM); 2**64 or a negative seed is a 422, not a 500."""
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def _valid_text(text: str, where: str) -> str:
+    """Text must be encodable UTF-8: a lone surrogate (JSON "\\ud800") breaks tokenisers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 text (lone surrogate at {e.start})") from None
+    return text
+
 
 class ImagePart(Request):
     type: Literal["image"]
@@ -160,15 +187,26 @@ class TextPart(Request):
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="after")
+    def _utf8(self):
+        _valid_text(self.text, "text")
+        return self
+
 
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant"]
     content: str | list[ImagePart | TextPart]
 
+    @model_validator(mode="after")
+    def _utf8(self):
+        if isinstance(self.content, str):
+            _valid_text(self.content, "content")
+        return self
+
 
 class LogitsItem(Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    completion_ids: list[int] | None = None
+    completion_ids: list[TokenId] | None = None
     completion_text: str | None = None
     top_k: int | None = Field(default=None, ge=0, le=100)
 
@@ -176,49 +214,58 @@ class LogitsItem(Request):
     def _one_completion(self):
         if (self.completion_ids is None) == (self.completion_text is None):
             raise ValueError("give exactly one of completion_ids or completion_text")
+        if self.completion_text is not None:
+            _valid_text(self.completion_text, "completion_text")
         return self
 
 
 class LogitsRequest(Request):
     items: list[LogitsItem] = Field(min_length=1)
     tokenizer_fingerprint: str | None = None
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Score under logits / temperature (default untempered, DESIGN §4)."""
 
 
-class LogitsResult(Response):
-    token_ids: list[int]
-    logprobs: list[float]
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
+class LogitsResult(DeclaredResponse):
+    token_ids: list[TokenId]
+    logprobs: list[FiniteFloat]
+    """log p(token) under the served version; always finite (a NaN is an error, never a value)."""
+    top_ids: list[list[TokenId]] | None = None
+    top_logprobs: list[list[FiniteFloat]] | None = None
 
 
-class LogitsResponse(Response):
-    teacher_version: int
+class LogitsResponse(DeclaredResponse):
+    teacher_version: int = Field(ge=0)
     items: list[LogitsResult]
 
 
 class GenerateItem(Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_new_tokens: int = Field(default=128, ge=1, le=8192)
-    temperature: float = Field(default=1.0, ge=0)
-    """0 means greedy."""
+    temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
+    """0 means greedy; otherwise at least 1e-3."""
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _temperature(self):
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
+        return self
 
 
 class GenerateRequest(Request):
     items: list[GenerateItem] = Field(min_length=1)
 
 
-class GenerateResult(Response):
+class GenerateResult(DeclaredResponse):
     text: str
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: list[TokenId]
+    logprobs: list[FiniteFloat]
 
 
-class GenerateResponse(Response):
-    teacher_version: int
+class GenerateResponse(DeclaredResponse):
+    teacher_version: int = Field(ge=0)
     items: list[GenerateResult]
 
 
@@ -226,48 +273,101 @@ MergeMethod = Literal["ties", "linear", "none"]
 Weighting = Literal["sma", "ema"]
 
 
-class MergeSettings(Response):
+class MergeSettings(BaseModel):
+    """How uploaded checkpoints become the teacher (DESIGN §4). Declared once: `gtr teacher serve`
+    derives its flags (`--merge-method`, `--density`, ...) from these fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
     method: MergeMethod = "ties"
-    density: float = 0.5
+    """ties | linear | none (none = the static base model: the paper's ablation)."""
+    density: float = Field(default=0.5, gt=0, le=1)
+    """TIES: fraction of each checkpoint's delta kept, by magnitude."""
     weighting: Weighting = "sma"
-    ema_alpha: float = 0.5
-    window: int | None = None
-    scale: float = 1.0
-    merge_every: int = 1
+    """sma (uniform) or ema (alpha (1 - alpha)^age) checkpoint weights."""
+    ema_alpha: float = Field(default=0.5, gt=0, le=1)
+    """EMA weight alpha in alpha (1 - alpha)^age."""
+    window: int | None = Field(default=None, ge=1)
+    """Merge only the last N checkpoints (default: all)."""
+    scale: float = Field(default=1.0, ge=0, le=10)
+    """Multiply the merged delta (a large scale extrapolates past every checkpoint)."""
+    merge_every: int = Field(default=1, ge=1)
+    """Merge after every N uploads."""
 
 
-class MergeReport(Response):
-    version: int
-    seconds: float
-    stats: dict[str, Any] = Field(default_factory=dict)
+class MergeStats(DeclaredResponse):
+    """What a merge did (`merging.ModuleStats.summary` plus timings); absent fields did not apply."""
+
+    method: str
+    checkpoints: int = Field(default=0, ge=0)
+    modules: int | None = Field(default=None, ge=0)
+    entries: int | None = Field(default=None, ge=0)
+    sign_conflict_fraction: float | None = Field(default=None, ge=0, le=1)
+    kept_density: float | None = Field(default=None, ge=0, le=1)
+    norm_ratio: float | None = Field(default=None, ge=0)
+    """||tau_merged|| / mean_i ||tau_i|| over all merged modules."""
+    merged_norm: float | None = Field(default=None, ge=0)
+    mean_checkpoint_norm: float | None = Field(default=None, ge=0)
+    weights: list[float] | None = None
+    """Each merged checkpoint's weight, oldest first."""
+    seconds: float | None = Field(default=None, ge=0)
+    merge_seconds: float | None = Field(default=None, ge=0)
+    apply_seconds: float | None = Field(default=None, ge=0)
+    skipped: str | None = None
+    """Why nothing was merged (method none, a backend that takes no checkpoints)."""
+
+
+class MergeReport(DeclaredResponse):
+    version: int = Field(ge=0)
+    seconds: float = Field(ge=0)
+    stats: MergeStats
     checkpoints: list[str] = Field(default_factory=list)
 
 
-class TeacherInfo(Response):
-    version: int
+class RefusedMerge(DeclaredResponse):
+    """A merge whose result failed the health checks; the previous version kept serving."""
+
+    at: float
+    """Unix time of the refusal."""
+    reason: str
+    checkpoints: list[str] = Field(default_factory=list)
+
+
+class TeacherInfo(DeclaredResponse):
+    version: int = Field(ge=0)
     backend: str
     base_model: str
     tokenizer_fingerprint: str
     merge: MergeSettings
-    checkpoints: int
+    checkpoints: int = Field(ge=0)
     last_merge: MergeReport | None = None
     merge_running: bool = False
+    last_merge_error: str | None = None
+    """The last merge's failure, until a merge succeeds."""
+    pending_checkpoints: int = Field(default=0, ge=0)
+    """Uploads not yet in the served version."""
+    refused_merges: int = Field(default=0, ge=0)
+    """Merges refused since start because the result was not finite."""
+    last_refused_merge: RefusedMerge | None = None
 
 
-class CheckpointInfo(Response):
+class CheckpointInfo(DeclaredResponse):
     checkpoint_id: str
-    step: int
+    step: int = Field(ge=0)
     created: float
-    bytes: int
-    rank: int | None = None
+    bytes: int = Field(ge=0)
+    rank: int | None = Field(default=None, ge=1)
     alpha: float | None = None
+    modules: int | None = Field(default=None, ge=0)
+    """LoRA modules in the adapter."""
+    use_rslora: bool | None = None
 
 
-class CheckpointList(Response):
+class CheckpointList(DeclaredResponse):
     checkpoints: list[CheckpointInfo]
 
 
-class CheckpointUploadResponse(Response):
+class CheckpointUploadResponse(DeclaredResponse):
     checkpoint_id: str
     merge_scheduled: bool
 

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
@@ -47,7 +47,20 @@ def error_body(status: int, detail: Any, error: str | None = None) -> dict[str, 
     return {"error": error or _STATUS_CODES.get(status, "error"), "detail": detail if isinstance(detail, str) else str(detail)}
 
 
-def install_error_handlers(app: FastAPI) -> None:
+ErrorTable = Mapping[type[BaseException], tuple[int, str]]
+"""A service's one mapping from its core's typed errors to (HTTP status, default error code)."""
+
+
+def install_error_handlers(app: FastAPI, errors: ErrorTable | None = None) -> None:
+    """The JSON error bodies of DESIGN §3, plus the app's table of core errors.
+
+    `errors` maps each typed error of the service's core to its status and default code; an
+    exception's own `code` attribute, when it has one, is the more precise stable code. Handlers
+    are looked up along the exception's MRO, so a subclass may have its own row.
+    """
+    for exc_type, (status, default_code) in (errors or {}).items():
+        app.add_exception_handler(exc_type, _table_handler(status, default_code))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body(exc.status_code, exc.detail, getattr(exc, "error", None)),
@@ -65,6 +78,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "internal"), status_code=500)
+
+
+def _table_handler(status: int, default_code: str):
+    async def handle(_: Request, exc: Exception):
+        code = getattr(exc, "code", None) or default_code
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        return JSONResponse(error_body(status, detail, code), status_code=status)
+
+    return handle
 
 
 async def require_token(request: Request) -> None:

@@ -44,7 +44,7 @@ def test_client_and_query_cli_over_http(tiny_model_dir, tmp_path, port, capsys):
     from services.teacher.query import run_query
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a0", seed=0)
-    s = TeacherSettings(model=str(tiny_model_dir), store=str(tmp_path / "store"), merge_every=1)
+    s = TeacherSettings(model=str(tiny_model_dir), store=str(tmp_path / "store"), merge={"merge_every": 1})
     png = tmp_path / "card.png"
     Image.new("RGB", (80, 80), (0, 90, 200)).save(png)
     with running(create_app(s), port) as url:
@@ -56,7 +56,7 @@ def test_client_and_query_cli_over_http(tiny_model_dir, tmp_path, port, capsys):
         while client.info().version < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         info = client.info()
-        assert info.version == 1 and info.checkpoints == 1 and info.last_merge.stats["kept_density"] > 0
+        assert info.version == 1 and info.checkpoints == 1 and info.last_merge.stats.kept_density > 0
         assert client.checkpoints().checkpoints[0].step == 5
         with pytest.raises(ServiceError, match="409"):
             client.upload_adapter(adapter, step=6, base_fingerprint="not-this-base")

@@ -25,6 +25,7 @@ from shared.models import load_model_and_processor, tokenizer_fingerprint
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
+from shared.schemas import MergeSettings
 from test_teacher_merge import direct_ties
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "qkv"]  # language model and vision tower modules
@@ -88,8 +89,14 @@ def files(adapter_dir: Path, step: int, **extra):
                 data={"step": str(step), **extra})
 
 
+MERGE_FIELDS = set(MergeSettings.model_fields)
+
+
 def settings(model_dir, store, **kw) -> TeacherSettings:
-    return TeacherSettings(model=str(model_dir), store=str(store), **{"merge_every": 1000, **kw})
+    """TeacherSettings for a test; merge fields (density=..., method=...) go into `merge`."""
+    merge = {"merge_every": 1000, **{k: v for k, v in kw.items() if k in MERGE_FIELDS}}
+    rest = {k: v for k, v in kw.items() if k not in MERGE_FIELDS}
+    return TeacherSettings(model=str(model_dir), store=str(store), merge=merge, **rest)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +293,39 @@ def test_bad_uploads_refused_and_nothing_stored(tiny_model_dir, tmp_path, adapte
     assert list((store / "checkpoints").iterdir()) == [] and list((store / "tmp").iterdir()) == []
 
 
+def assert_declared(client, path: str, body, method: str = "get") -> None:
+    """Every key of `body` is a property of the route's declared response schema, recursively."""
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def resolve(sch):
+        while "$ref" in sch:
+            sch = schemas[sch["$ref"].rsplit("/", 1)[-1]]
+        return sch
+
+    def check(value, sch, where):
+        sch = resolve(sch)
+        for alt in sch.get("anyOf", []):
+            alt = resolve(alt)
+            if value is None and alt.get("type") == "null":
+                return
+            if isinstance(value, dict) and "properties" in alt:
+                return check(value, alt, where)
+            if isinstance(value, list) and alt.get("type") == "array":
+                return check(value, alt, where)
+        if isinstance(value, dict) and "properties" in sch:
+            extra = set(value) - set(sch["properties"])
+            assert not extra, f"{where}: undeclared fields {sorted(extra)}"
+            for k, v in value.items():
+                check(v, sch["properties"][k], f"{where}.{k}")
+        elif isinstance(value, list) and "items" in sch:
+            for i, v in enumerate(value):
+                check(v, sch["items"], f"{where}[{i}]")
+
+    ok = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+    check(body, ok, path)
+
+
 def test_background_merge_window_ema_delete(tiny_model_dir, tmp_path, adapters):
     s = settings(tiny_model_dir, tmp_path / "store", merge_every=2, window=2, weighting="ema", ema_alpha=0.5)
     with TestClient(create_app(s)) as c:
@@ -303,6 +343,13 @@ def test_background_merge_window_ema_delete(tiny_model_dir, tmp_path, adapters):
         assert rep["stats"]["weights"] == pytest.approx([1 / 3, 2 / 3])  # EMA 0.5: age 1, age 0
         listed = c.get("/v1/checkpoints").json()["checkpoints"]
         assert [x["checkpoint_id"] for x in listed] == ids and listed[1]["rank"] == 8
+        # Fields the teacher sends are declared in the schema (undeclared ones would be dropped).
+        assert (listed[1]["use_rslora"], listed[2]["use_rslora"]) == (True, False)
+        assert listed[2]["modules"] == 4  # q_proj, o_proj in both LM layers
+        info = c.get("/v1/teacher").json()
+        assert info["pending_checkpoints"] == 0 and info["last_merge_error"] is None
+        assert_declared(c, "/v1/teacher", info)
+        assert_declared(c, "/v1/checkpoints", c.get("/v1/checkpoints").json())
         # A retried upload (same weights, same step) is not stored twice.
         again = c.post("/v1/checkpoints", **files(adapters[2], 2)).json()
         assert again == {"checkpoint_id": ids[2], "merge_scheduled": False}
@@ -313,7 +360,7 @@ def test_background_merge_window_ema_delete(tiny_model_dir, tmp_path, adapters):
 
 
 def test_merge_method_none_keeps_the_base(tiny_model_dir, tmp_path, adapters):
-    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "store", merge_method="none", merge_every=1))) as c:
+    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "store", method="none", merge_every=1))) as c:
         base = c.post("/v1/logits", json=logits_body()).json()
         r = c.post("/v1/checkpoints", **files(adapters[0], 0)).json()
         assert r["merge_scheduled"] is False

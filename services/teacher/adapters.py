@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from shared.codecs import CodecError, bytes_to_tensors
-from services.teacher.errors import TeacherError
+from services.teacher.errors import BaseMismatch, InvalidInput
 
 # Prefixes peft (and wrappers around the model) put in front of the module path.
 _PEFT_PREFIX = "base_model.model."
@@ -83,12 +83,12 @@ class Adapter:
         return sorted(self.factors)
 
 
-def _bad(detail: str) -> TeacherError:
-    return TeacherError(400, "bad_adapter", detail)
+def _bad(detail: str) -> InvalidInput:
+    return InvalidInput(detail, "bad_adapter")
 
 
-def _foreign(detail: str) -> TeacherError:
-    return TeacherError(409, "base_mismatch", detail)
+def _foreign(detail: str) -> BaseMismatch:
+    return BaseMismatch(detail)
 
 
 def parse_config(config_bytes: bytes) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def resolve_module(module: str, base_shapes: dict[str, tuple[int, ...]]) -> str 
 
 
 def parse_adapter(model_bytes: bytes, config_bytes: bytes, base_shapes: dict[str, tuple[int, ...]]) -> Adapter:
-    """Validate an upload; raise TeacherError (400 malformed, 409 foreign base) or return it."""
+    """Validate an upload; raise InvalidInput (malformed) or BaseMismatch (foreign base), or return it."""
     cfg = parse_config(config_bytes)
     try:
         tensors = bytes_to_tensors(model_bytes)

@@ -14,9 +14,11 @@ from starlette.datastructures import UploadFile
 
 from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
                             GenerateResponse, Health, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
-from shared.server import ApiError, install_common, install_error_handlers, metrics_response, require_token
-from services.teacher.backends import BackendError, TeacherBackend, make_backend
-from services.teacher.errors import TeacherError
+from shared.codecs import CodecError
+from shared.server import ErrorTable, install_common, install_error_handlers, metrics_response, require_token
+from services.teacher.backends import TeacherBackend, make_backend
+from services.teacher.errors import (BaseMismatch, InvalidInput, MergeRefused, NonFiniteOutput, NotReady, StoreFailed,
+                                     TooLarge, UnknownCheckpoint, Unsupported, UpstreamError)
 from services.teacher.service import TeacherService
 from services.teacher.settings import TeacherSettings
 from services.teacher.store import CheckpointStore
@@ -39,7 +41,7 @@ class Metrics:
 async def get_service(request: Request) -> TeacherService:
     svc = getattr(request.app.state, "service", None)
     if svc is None:
-        raise ApiError(503, "not_ready", "the teacher is still loading")
+        raise NotReady("the teacher is still loading")
     return svc
 
 
@@ -47,8 +49,49 @@ async def get_service(request: Request) -> TeacherService:
 Service = Annotated[TeacherService, Depends(get_service)]
 
 
-def _api_error(e: TeacherError | BackendError) -> ApiError:
-    return ApiError(e.status, e.error, e.detail)
+# The one mapping from the core's typed errors to HTTP (DESIGN §3): status, default error code.
+ERRORS: ErrorTable = {
+    InvalidInput: (400, "bad_request"),
+    CodecError: (400, "bad_request"),
+    UnknownCheckpoint: (404, "unknown_checkpoint"),
+    BaseMismatch: (409, "base_mismatch"),
+    MergeRefused: (409, "merge_refused"),
+    TooLarge: (413, "too_large"),
+    Unsupported: (501, "not_implemented"),
+    UpstreamError: (502, "upstream_error"),
+    NotReady: (503, "not_ready"),
+    NonFiniteOutput: (503, "non_finite"),
+    StoreFailed: (507, "store_failed"),
+}
+_ROUTES = {"teacher", "checkpoints", "merge", "logits", "generate"}
+
+
+class RequestMetrics:
+    """ASGI middleware: count /v1 requests by route and final status, and time them (errors
+    included: they are answered by the error table, after the route has raised)."""
+
+    def __init__(self, app, metrics: "Metrics"):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        route = path.split("/")[2]
+        route = route if route in _ROUTES else "other"
+        status = [500]
+        t0 = time.perf_counter()
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
 def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend | None = None,
@@ -64,7 +107,7 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
             be = await run_in_threadpool(make_backend, settings.backend, **settings.backend_settings())
         store = CheckpointStore(settings.store)
         service = await run_in_threadpool(
-            lambda: TeacherService(be, store, settings.merge_settings(),
+            lambda: TeacherService(be, store, settings.merge,
                                    max_upload_bytes=int(settings.max_upload_mb * 2**20),
                                    merge_device=settings.merge_device, background=background_merges))
         app.state.service = service
@@ -78,14 +121,11 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
     app = FastAPI(title="GTR-Turbo teacher", version="1", lifespan=lifespan,
                   description="Merged-checkpoint teacher: LoRA checkpoints in, TIES-merged teacher log-probs "
                               "and generations out (DESIGN §3.2).")
-    install_error_handlers(app)
+    install_error_handlers(app, ERRORS)
     install_common(app)
     metrics = Metrics()
     app.state.metrics = metrics
-
-    def observe(route: str, status: int, t0: float) -> None:
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -96,10 +136,10 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
         """Ready when the backend answers a one-token forward (hf/vllm) or its endpoint (openai)."""
         try:
             svc.backend.check_ready()
-        except BackendError as e:
-            raise ApiError(503, "not_ready", e.detail) from e
+        except NotReady:
+            raise
         except Exception as e:  # noqa: BLE001 - any engine failure reads as "not ready"
-            raise ApiError(503, "not_ready", f"{type(e).__name__}: {e}") from e
+            raise NotReady(f"{type(e).__name__}: {e}") from e
         return Health(status="ready", service="teacher")
 
     @app.get("/metrics")
@@ -122,36 +162,30 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
         `curl -F adapter_model=@adapter_model.safetensors -F adapter_config=@adapter_config.json
         -F step=3 http://127.0.0.1:8200/v1/checkpoints`
         """
-        t0 = time.perf_counter()
         limit = svc.max_upload_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart overhead allowance
-            raise ApiError(413, "too_large", f"upload of {length} bytes exceeds the limit of {limit}")
+            raise TooLarge(f"upload of {length} bytes exceeds the limit of {limit}")
         try:
             form = await request.form(max_files=2, max_fields=4)
         except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken multipart body
-            raise ApiError(400, "bad_request", f"expected multipart/form-data: {e}") from e
+            raise InvalidInput(f"expected multipart/form-data: {e}") from e
         try:
             model_bytes = await _read_part(form, "adapter_model", limit)
             config_bytes = await _read_part(form, "adapter_config", limit)
             step_raw = form.get("step")
             if step_raw is None or isinstance(step_raw, UploadFile):
-                raise ApiError(400, "bad_request", "form field `step` (int) is required")
+                raise InvalidInput("form field `step` (int) is required")
             try:
                 step = int(step_raw)
             except ValueError as e:
-                raise ApiError(400, "bad_request", f"step must be an integer, got {step_raw!r}") from e
+                raise InvalidInput(f"step must be an integer, got {step_raw!r}") from e
             fp = form.get("base_fingerprint")
             fp = fp if isinstance(fp, str) and fp else None
         finally:
             await form.close()
-        try:
-            item, scheduled = await run_in_threadpool(svc.add_checkpoint, model_bytes, config_bytes, step, fp)
-        except TeacherError as e:
-            observe("checkpoints", e.status, t0)
-            raise _api_error(e) from e
+        item, scheduled = await run_in_threadpool(svc.add_checkpoint, model_bytes, config_bytes, step, fp)
         metrics.checkpoints.set(len(svc.store))
-        observe("checkpoints", 200, t0)
         return CheckpointUploadResponse(checkpoint_id=item.checkpoint_id, merge_scheduled=scheduled)
 
     @app.get("/v1/checkpoints", response_model=CheckpointList)
@@ -162,19 +196,13 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
                 dependencies=[Depends(require_token)])
     def delete_checkpoint(checkpoint_id: str, svc: Service) -> ActionResponse:
         """Remove a checkpoint from the store; the served teacher changes at the next merge."""
-        try:
-            svc.delete_checkpoint(checkpoint_id)
-        except TeacherError as e:
-            raise _api_error(e) from e
+        svc.delete_checkpoint(checkpoint_id)
         return ActionResponse(detail=f"deleted {checkpoint_id}")
 
     @app.post("/v1/merge", response_model=MergeReport, dependencies=[Depends(require_token)])
     def merge(svc: Service) -> MergeReport:
         """Merge now; returns the new version and the merge statistics."""
-        try:
-            report = svc.merge_now()
-        except (TeacherError, BackendError) as e:
-            raise _api_error(e) from e
+        report = svc.merge_now()
         metrics.merge_seconds.set(report.seconds)
         metrics.version.set(svc.version)
         return report
@@ -185,19 +213,8 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
 
         `{"items": [{"messages": [{"role": "user", "content": "hi"}], "completion_text": "hello"}]}`
         """
-        t0 = time.perf_counter()
-        if req.tokenizer_fingerprint and req.tokenizer_fingerprint != svc.backend.tokenizer_fingerprint:
-            observe("logits", 409, t0)
-            raise ApiError(409, "tokenizer_mismatch",
-                           f"tokenizer fingerprint {req.tokenizer_fingerprint} is not the teacher's "
-                           f"({svc.backend.tokenizer_fingerprint}): token ids would not line up")
-        try:
-            version, items = svc.backend.logprobs(req.items, req.temperature)
-        except BackendError as e:
-            observe("logits", e.status, t0)
-            raise _api_error(e) from e
+        version, items = svc.logprobs(req)
         metrics.tokens.inc(sum(len(r.token_ids) for r in items))
-        observe("logits", 200, t0)
         return LogitsResponse(teacher_version=version, items=items)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
@@ -206,14 +223,8 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
 
         `{"items": [{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 16, "seed": 0}]}`
         """
-        t0 = time.perf_counter()
-        try:
-            version, items = svc.backend.generate(req.items)
-        except BackendError as e:
-            observe("generate", e.status, t0)
-            raise _api_error(e) from e
+        version, items = svc.generate(req)
         metrics.generated.inc(sum(len(r.token_ids) for r in items))
-        observe("generate", 200, t0)
         return GenerateResponse(teacher_version=version, items=items)
 
     return app
@@ -222,11 +233,11 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
 async def _read_part(form, name: str, limit: int) -> bytes:
     part = form.get(name)
     if part is None:
-        raise ApiError(400, "bad_request", f"multipart file `{name}` is required")
+        raise InvalidInput(f"multipart file `{name}` is required")
     if isinstance(part, str):  # a JSON config may arrive as a plain field
         data = part.encode()
     else:
         data = await part.read(limit + 1)
     if len(data) > limit:
-        raise ApiError(413, "too_large", f"`{name}` exceeds the upload limit of {limit} bytes")
+        raise TooLarge(f"`{name}` exceeds the upload limit of {limit} bytes")
     return data

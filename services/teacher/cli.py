@@ -6,16 +6,23 @@ import argparse
 from pathlib import Path
 
 
+# Flag names are a contract (DESIGN §2): the fields' own names except where these rename them.
+_MERGE_FLAGS = {"method": "merge-method"}
+_VLLM_FLAGS = {"gpu_memory_utilization": "vllm-gpu-memory", "tensor_parallel_size": "vllm-tp"}
+_VLLM_NO_FLAG = ("max_images_per_prompt", "seed", "scratch_dir", "engine_kwargs")
+_FLAGS: dict[str, dict[str, str]] = {}
+"""Filled by `register`: {section: {argparse dest: field}} for `settings_from_args`."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from shared.config import ConfigError
     from shared.server import serve
     from services.teacher.app import create_app
-    from services.teacher.settings import TeacherSettings
 
     try:
-        settings = _settings(args, TeacherSettings)
+        settings = settings_from_args(args)
     except ValidationError as e:
         lines = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"teacher serve: {lines}") from e
@@ -31,20 +38,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, cls):
-    return cls(
-        backend=args.backend, model=args.model, store=args.store, device=args.device, dtype=args.dtype,
-        merge_method=args.merge_method, density=args.density, weighting=args.weighting, ema_alpha=args.ema_alpha,
-        window=args.window, merge_every=args.merge_every, scale=args.scale, merge_device=args.merge_device,
-        max_upload_mb=args.max_upload_mb, max_tokens=args.max_tokens, openai_base_url=args.openai_base_url,
-        openai_api_key_env=args.openai_api_key_env, host=args.host, port=args.port,
-        vllm=_vllm_settings(args))
+def settings_from_args(args: argparse.Namespace):
+    """TeacherSettings from the parsed flags; raises pydantic's ValidationError on bad values."""
+    from shared.config import arguments_to_data
+    from services.teacher.settings import TeacherSettings
+
+    data = arguments_to_data(args, _FLAGS["top"])
+    data["merge"] = arguments_to_data(args, _FLAGS["merge"])
+    data["vllm"] = arguments_to_data(args, _FLAGS["vllm"])
+    return TeacherSettings.model_validate(data)
 
 
-def _vllm_settings(args: argparse.Namespace) -> dict:
-    from services.teacher.backends.vllm_cli import settings_from_args
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    """Every TeacherSettings field as a flag (the settings are the one declaration)."""
+    from shared.config import add_model_arguments
+    from shared.schemas import MergeSettings
+    from services.teacher.settings import TeacherSettings, VllmSettings
 
-    return settings_from_args(args)
+    _FLAGS["top"] = add_model_arguments(s, TeacherSettings, skip=("merge", "vllm"))
+    g = s.add_argument_group("merge (DESIGN §4)")
+    _FLAGS["merge"] = add_model_arguments(g, MergeSettings, dest_prefix="merge_", rename=_MERGE_FLAGS)
+    g = s.add_argument_group("vllm backend (--backend vllm; see the README's vLLM section)")
+    _FLAGS["vllm"] = add_model_arguments(g, VllmSettings, dest_prefix="vllm_", flag_prefix="vllm-",
+                                         rename=_VLLM_FLAGS, skip=_VLLM_NO_FLAG)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -62,31 +78,7 @@ def register(sub) -> None:
     s = tsub.add_parser("serve", help="serve the teacher over HTTP",
                         description="Serve /v1/logits and /v1/generate from a base model plus the TIES merge of "
                                     "the uploaded LoRA checkpoints.")
-    s.add_argument("--backend", choices=["hf", "vllm", "openai"], default="hf")
-    s.add_argument("--model", required=True, help="base model directory (hf, vllm) or remote model name (openai)")
-    s.add_argument("--store", required=True, help="checkpoint store directory (survives restarts)")
-    s.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    s.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    s.add_argument("--merge-method", choices=["ties", "linear", "none"], default="ties",
-                   help="none = the static base model (the paper's ablation)")
-    s.add_argument("--density", type=float, default=0.5, help="TIES: fraction of each delta kept (default 0.5)")
-    s.add_argument("--weighting", choices=["sma", "ema"], default="sma")
-    s.add_argument("--ema-alpha", type=float, default=0.5, help="EMA weight alpha (1 - alpha)^age")
-    s.add_argument("--window", type=int, default=None, help="merge only the last N checkpoints (default all)")
-    s.add_argument("--merge-every", type=int, default=1, help="merge after every N uploads (default 1)")
-    s.add_argument("--scale", type=float, default=1.0, help="multiply the merged delta (default 1)")
-    s.add_argument("--merge-device", default="cpu", help="device the merge computes on (default cpu)")
-    s.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest accepted upload (default 1024)")
-    s.add_argument("--max-tokens", type=int, default=65536,
-                   help="most padded tokens (batch x width) per /v1/logits or /v1/generate request")
-    s.add_argument("--openai-base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL)")
-    s.add_argument("--openai-api-key-env", default="OPENAI_API_KEY",
-                   help="openai backend: the environment variable that holds the API key")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8200)
-    from services.teacher.backends.vllm_cli import add_arguments as add_vllm_arguments
-
-    add_vllm_arguments(s)
+    add_serve_arguments(s)
     s.set_defaults(func=_serve)
 
     q = tsub.add_parser("query", help="debug client: info, a thought for an image, per-token log-probs",

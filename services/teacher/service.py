@@ -12,33 +12,18 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any
 
-from shared.schemas import CheckpointInfo, MergeReport, MergeSettings, TeacherInfo
+from pydantic import ValidationError
+
+from shared.schemas import (CheckpointInfo, GenerateRequest, GenerateResult, LogitsRequest, LogitsResult, MergeReport,
+                            MergeSettings, MergeStats, TeacherInfo)
 from services.teacher.adapters import Adapter, parse_adapter
 from services.teacher.backends.base import TeacherBackend
-from services.teacher.errors import TeacherError
+from services.teacher.errors import BaseMismatch, InvalidInput, TooLarge, Unsupported
 from services.teacher.merging import merge_adapters, merge_weights
 from services.teacher.store import CheckpointStore, StoredCheckpoint
 
 log = logging.getLogger(__name__)
-
-
-def validate_merge_settings(s: MergeSettings) -> MergeSettings:
-    """Fail fast at start-up on settings that cannot merge."""
-    if s.method not in ("ties", "linear", "none"):
-        raise ValueError(f"merge method must be ties, linear or none, got {s.method!r}")
-    if not 0.0 < s.density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {s.density}")
-    if s.weighting not in ("sma", "ema"):
-        raise ValueError(f"weighting must be sma or ema, got {s.weighting!r}")
-    if not 0.0 < s.ema_alpha <= 1.0:
-        raise ValueError(f"ema_alpha must be in (0, 1], got {s.ema_alpha}")
-    if s.window is not None and s.window < 1:
-        raise ValueError(f"window must be >= 1 (or unset for all checkpoints), got {s.window}")
-    if s.merge_every < 1:
-        raise ValueError(f"merge_every must be >= 1, got {s.merge_every}")
-    return s
 
 
 class TeacherService:
@@ -46,13 +31,12 @@ class TeacherService:
                  max_upload_bytes: int = 1 << 30, merge_device: str = "cpu", background: bool = True):
         self.backend = backend
         self.store = store
-        self.settings = validate_merge_settings(merge or MergeSettings())
+        self.settings = merge or MergeSettings()
         self.max_upload_bytes = max_upload_bytes
         self.merge_device = merge_device
         self.version = 0
         self.last_merge: MergeReport | None = None
         self.last_merge_error: str | None = None
-        self._served_ids: list[str] = []
         self._pending = 0
         self._lock = threading.Lock()
         self._merge_lock = threading.Lock()
@@ -87,24 +71,35 @@ class TeacherService:
         return CheckpointInfo(checkpoint_id=c.checkpoint_id, step=c.step, created=c.created, bytes=c.bytes,
                               rank=c.rank, alpha=c.alpha, modules=c.modules, use_rslora=c.use_rslora)
 
+    # ------------------------------------------------------------------ serving
+
+    def logprobs(self, req: LogitsRequest) -> tuple[int, list[LogitsResult]]:
+        """(version, results) of /v1/logits; refuses a tokenizer that is not the teacher's."""
+        ours = self.backend.tokenizer_fingerprint
+        if req.tokenizer_fingerprint and req.tokenizer_fingerprint != ours:
+            raise BaseMismatch(f"tokenizer fingerprint {req.tokenizer_fingerprint} is not the teacher's ({ours}): "
+                               "token ids would not line up", "tokenizer_mismatch")
+        return self.backend.logprobs(req.items, req.temperature)
+
+    def generate(self, req: GenerateRequest) -> tuple[int, list[GenerateResult]]:
+        return self.backend.generate(req.items)
+
     # ------------------------------------------------------------------ checkpoints
 
     def add_checkpoint(self, model_bytes: bytes, config_bytes: bytes, step: int,
                        base_fingerprint: str | None = None) -> tuple[StoredCheckpoint, bool]:
         """Validate and store an upload; (record, merge_scheduled). Nothing is stored on error."""
         if not self.backend.supports_merge:
-            raise TeacherError(501, "not_implemented",
-                               f"the {self.backend.name} backend serves an external model: it takes no checkpoints")
+            raise Unsupported(f"the {self.backend.name} backend serves an external model: it takes no checkpoints")
         size = len(model_bytes) + len(config_bytes)
         if size > self.max_upload_bytes:
-            raise TeacherError(413, "too_large", f"upload of {size} bytes exceeds the limit of {self.max_upload_bytes}")
+            raise TooLarge(f"upload of {size} bytes exceeds the limit of {self.max_upload_bytes}")
         if step < 0:
-            raise TeacherError(400, "bad_request", f"step must be >= 0, got {step}")
+            raise InvalidInput(f"step must be >= 0, got {step}")
         if base_fingerprint is not None:
             ours = self.backend.model_fingerprint()
             if ours is not None and base_fingerprint != ours:
-                raise TeacherError(409, "base_mismatch",
-                                   f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
+                raise BaseMismatch(f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
         adapter = parse_adapter(model_bytes, config_bytes, self._base_shapes)
         same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), step)
         if same is not None:
@@ -142,7 +137,7 @@ class TeacherService:
         if not self._mergeable:
             why = "merge method is none (static base teacher)" if self.backend.supports_merge else \
                 f"the {self.backend.name} backend takes no checkpoints"
-            return MergeReport(version=self.version, seconds=0.0, stats={"method": "none", "skipped": why},
+            return MergeReport(version=self.version, seconds=0.0, stats=MergeStats(method="none", skipped=why),
                                checkpoints=[])
         with self._merge_lock:
             with self._lock:
@@ -179,10 +174,9 @@ class TeacherService:
         stats["merge_seconds"] = merge_s
         stats["apply_seconds"] = seconds - merge_s
         ids = [c.checkpoint_id for c in items]
-        report = MergeReport(version=version, seconds=seconds, stats=stats, checkpoints=ids)
+        report = MergeReport(version=version, seconds=seconds, stats=MergeStats(**stats), checkpoints=ids)
         with self._lock:
             self.version = version
-            self._served_ids = ids
             self.last_merge = report
         self.store.write_state({"version": version, "checkpoints": ids, "settings": settings.model_dump(),
                                 "report": report.model_dump()})
@@ -204,8 +198,8 @@ class TeacherService:
         if version == 0:
             return
         try:
-            settings = validate_merge_settings(MergeSettings(**state.get("settings", {})))
-        except (TypeError, ValueError) as e:
+            settings = MergeSettings.model_validate(state.get("settings", {}))
+        except ValidationError as e:
             log.warning("state.json has unusable merge settings (%s): rebuilding with the current ones", e)
             settings = self.settings
         missing = [i for i in ids if i not in known]
@@ -258,6 +252,3 @@ class TeacherService:
         if self._worker is not None:
             self._worker.join(timeout=30)
         self.backend.close()
-
-    def state(self) -> dict[str, Any]:
-        return {"version": self.version, "checkpoints": list(self._served_ids)}

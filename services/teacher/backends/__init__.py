@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.teacher.backends.base import BackendError, TeacherBackend
+from services.teacher.backends.base import TeacherBackend
 
 BACKENDS = ("hf", "vllm", "openai")
 
-__all__ = ["BACKENDS", "BackendError", "TeacherBackend", "make_backend"]
+__all__ = ["BACKENDS", "TeacherBackend", "make_backend"]
 
 
 def make_backend(name: str, **settings: Any) -> TeacherBackend:

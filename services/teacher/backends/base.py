@@ -14,19 +14,21 @@ from abc import ABC, abstractmethod
 import torch
 
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
+from services.teacher.errors import NonFiniteOutput
 
 
-class BackendError(RuntimeError):
-    """A request the backend cannot serve; `status` is the HTTP status the service answers."""
-
-    def __init__(self, status: int, error: str, detail: str):
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
+def check_finite(values: torch.Tensor | list[float], what: str) -> None:
+    """Raise NonFiniteOutput unless every value is finite: a response never carries NaN or inf
+    (JSON would turn them into null, and a KL-guided trainer dies on them an update later)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteOutput(f"{what} are not finite: the served weights or this input make the model overflow")
 
 
 class TeacherBackend(ABC):
+    """Backends raise the typed errors of `services.teacher.errors` (InvalidInput, TooLarge, ...)."""
+
     name: str = "base"
-    supports_logits: bool = True
     supports_merge: bool = True
     """False for backends that serve an external model (openai): uploads answer 501."""
 

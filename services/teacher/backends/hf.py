@@ -30,7 +30,8 @@ from shared.chat import completion_logprobs, encode, encode_prompt
 from shared.codecs import CodecError
 from shared.models import load_model_and_processor, model_fingerprint, tokenizer_fingerprint, vision_token_ids
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
-from services.teacher.backends.base import BackendError, TeacherBackend
+from services.teacher.backends.base import TeacherBackend, check_finite
+from services.teacher.errors import InvalidInput, NotReady, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ class _Sampler:
 
 class HFBackend(TeacherBackend):
     name = "hf"
-    supports_logits = True
 
     def __init__(self, model: str | Path, device: str | None = None, dtype: str | None = None,
                  max_tokens: int = 65536, loaded: tuple[Any, Any] | None = None, **_: Any):
@@ -179,13 +179,13 @@ class HFBackend(TeacherBackend):
         delta = delta or {}
         unknown = [n for n in delta if n not in self._shapes]
         if unknown:
-            raise BackendError(400, "bad_delta", f"delta names parameters the model lacks: {unknown[:5]}")
+            raise InvalidInput(f"delta names parameters the model lacks: {unknown[:5]}", "bad_delta")
         # Build the new tensors aside; requests keep running on the current weights meanwhile.
         new: dict[str, torch.Tensor] = {}
         for name, tau in delta.items():
             p = self._params[name]
             if tuple(tau.shape) != tuple(p.shape):
-                raise BackendError(400, "bad_delta", f"{name}: delta {tuple(tau.shape)} vs parameter {tuple(p.shape)}")
+                raise InvalidInput(f"{name}: delta {tuple(tau.shape)} vs parameter {tuple(p.shape)}", "bad_delta")
             if name not in self._w0:
                 self._w0[name] = p.detach().clone()
             w0 = self._w0[name]
@@ -205,26 +205,26 @@ class HFBackend(TeacherBackend):
         try:
             return encode_prompt(self.processor, [m.model_dump() for m in messages])
         except CodecError as e:
-            raise BackendError(400, "bad_image", str(e)) from e
+            raise InvalidInput(str(e), "bad_image") from e
 
     def _completion_ids(self, item: LogitsItem, index: int) -> list[int]:
         if item.completion_ids is not None:
             ids = list(item.completion_ids)
             bad = [t for t in ids if not 0 <= t < self._vocab]
             if bad:
-                raise BackendError(400, "bad_token", f"item {index}: token ids {bad[:5]} are outside the vocabulary "
-                                                     f"(size {self._vocab})")
+                raise InvalidInput(f"item {index}: token ids {bad[:5]} are outside the vocabulary "
+                                   f"(size {self._vocab})", "bad_token")
         else:
             ids = self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"]
         vis = sorted(set(ids) & set(self._vision_ids))
         if vis:
-            raise BackendError(400, "bad_token", f"item {index}: completion holds vision special tokens {vis}")
+            raise InvalidInput(f"item {index}: completion holds vision special tokens {vis}", "bad_token")
         return ids
 
     def _check_size(self, n_items: int, width: int) -> None:
         if n_items * width > self.max_tokens:
-            raise BackendError(413, "too_large", f"request needs {n_items} x {width} = {n_items * width} padded "
-                                                 f"tokens, more than the limit of {self.max_tokens}; split it")
+            raise TooLarge(f"request needs {n_items} x {width} = {n_items * width} padded "
+                           f"tokens, more than the limit of {self.max_tokens}; split it")
 
     def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
         comps = [self._completion_ids(it, i) for i, it in enumerate(items)]
@@ -235,6 +235,10 @@ class HFBackend(TeacherBackend):
         with self._lock, torch.inference_mode():
             version = self._version
             lps, tops = completion_logprobs(self.model, batch, temperature=temperature, top_k=top_k)
+        for i, lp in enumerate(lps):
+            check_finite(lp, f"item {i}: log-probs")
+            if tops is not None:
+                check_finite(tops[i][1], f"item {i}: top log-probs")
         results = []
         for i, (it, ids, lp) in enumerate(zip(items, comps, lps, strict=True)):
             r = LogitsResult(token_ids=ids, logprobs=lp.tolist())
@@ -274,6 +278,7 @@ class HFBackend(TeacherBackend):
                     n = j + 1  # keep the EOS token (and its log-prob): it is what the teacher chose
                     break
             ids, lps = new[:n], lps[:n]
+            check_finite(lps, f"item {i}: log-probs")
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             results.append(GenerateResult(text=text, token_ids=ids, logprobs=lps))
         return version, results
@@ -283,7 +288,7 @@ class HFBackend(TeacherBackend):
         with self._lock, torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
         if not torch.isfinite(out.logits).all():
-            raise BackendError(503, "not_ready", "the model's one-token forward gave non-finite logits")
+            raise NotReady("the model's one-token forward gave non-finite logits")
 
     def close(self) -> None:
         self._w0.clear()

