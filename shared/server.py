@@ -197,8 +197,8 @@ def _error_content() -> dict[str, Any]:
 
 def install_openapi_errors(app: FastAPI) -> None:
     """The OpenAPI says what the service answers: 422 is `ErrorResponse` (our handler's body, not
-    FastAPI's default `HTTPValidationError`), and every state-changing route declares 401 (a token
-    is set and missing) and 403 (a foreign Origin)."""
+    FastAPI's default `HTTPValidationError`), a JSON body that does not parse is 400, and every
+    state-changing route declares 401 (a token is set and missing) and 403 (a foreign Origin)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -207,11 +207,17 @@ def install_openapi_errors(app: FastAPI) -> None:
         schema = generate()
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.setdefault("ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
-        for path_item in schema.get("paths", {}).values():
+        for path, path_item in schema.get("paths", {}).items():
             for method, op in path_item.items():
                 responses = op.setdefault("responses", {})
+                if path == "/metrics":  # every service's, answered by `metrics_response`
+                    responses["200"] = {"description": "Prometheus text format",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
                 if "422" in responses:
                     responses["422"] = {"description": "invalid request", "content": _error_content()}
+                if "application/json" in op.get("requestBody", {}).get("content", {}):
+                    # FastAPI's answer to a body that is not UTF-8 JSON at all
+                    responses.setdefault("400", {"description": "body is not JSON", "content": _error_content()})
                 if method.upper() not in _SAFE_METHODS:
                     responses.setdefault("401", {"description": "missing or wrong bearer token (GTR_API_TOKEN set)",
                                                  "content": _error_content()})
@@ -265,10 +271,28 @@ def install_local_docs(app: FastAPI) -> None:
     app.add_route(docs_url, swagger_ui_html, include_in_schema=False)
 
 
+def install_method_not_allowed(app: FastAPI) -> None:
+    """405 with an `Allow` header naming every method the path serves. Starlette names only the
+    first route that matched the path, so GET and POST on /v1/checkpoints (two routes) said "GET"."""
+    from starlette.routing import Match
+
+    async def _405(request: Request, exc: StarletteHTTPException):
+        methods: set[str] = set()
+        for route in app.router.routes:
+            match, _ = route.matches({**request.scope, "method": "GET"})
+            if match != Match.NONE and getattr(route, "methods", None):
+                methods |= set(route.methods)
+        headers = {"Allow": ", ".join(sorted(methods))} if methods else getattr(exc, "headers", None)
+        return JSONResponse(error_body(405, exc.detail, getattr(exc, "error", None)), status_code=405, headers=headers)
+
+    app.add_exception_handler(405, _405)
+
+
 def install_common(app: FastAPI) -> None:
     """Everything every service's app gets beside its error handlers: host and origin checks,
-    the error codes in its OpenAPI, and /docs served offline."""
+    the error codes in its OpenAPI, /docs served offline, and a true `Allow` on 405."""
     install_host_checks(app)
+    install_method_not_allowed(app)
     install_openapi_errors(app)
     install_local_docs(app)
 
