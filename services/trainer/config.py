@@ -21,7 +21,8 @@ class LoraSettings(StrictModel):
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    """Active during PPO only; rollouts run with dropout off (DESIGN §5.6)."""
+    """LoRA dropout for `gtr sft`'s training only: rollouts and the PPO update run with dropout
+    off (DESIGN §4, §5.6), so the PPO ratio is exactly 1 before the first step."""
     target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_TARGETS))
     """Module names inside the language model's layers."""
     vision: bool = False
@@ -78,6 +79,11 @@ class TeacherSettings(StrictModel):
     """Items per /v1/logits or /v1/generate request."""
     wait_for_merge_s: float = 0.0
     """After a push, poll /v1/teacher up to this long for the new version (0: do not wait)."""
+    await_merge_s: float = Field(default=600.0, ge=0)
+    """Before the next update asks the teacher, wait up to this long until it serves the merge
+    its last push scheduled (the merge runs in the background during the rollout). The guidance
+    then never depends on which finished first, so a seeded run is reproducible. 0: use whatever
+    version the teacher serves when asked."""
 
 
 class GuidanceSettings(StrictModel):

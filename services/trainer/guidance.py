@@ -115,6 +115,8 @@ class TeacherLink:
         self.settings = t
         self.fingerprint = fingerprint
         self.client = client or TeacherClient(t.url, timeout=t.timeout_s, retries=t.retries)
+        self.merge_above: int | None = None
+        """Set by a push that scheduled a merge: the teacher version that push's merge will exceed."""
 
     def close(self) -> None:
         self.client.close()
@@ -168,6 +170,17 @@ class TeacherLink:
     def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
         return self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
 
+    def await_pushed_merge(self) -> None:
+        """Before asking the teacher: wait (teacher.await_merge_s) for the merge the last push
+        scheduled, so this update is guided by the same version in every run with this seed."""
+        above, self.merge_above = self.merge_above, None
+        if above is None or self.settings.await_merge_s <= 0:
+            return
+        v = self.wait_for_version(above, self.settings.await_merge_s)
+        if v is None or v <= above:
+            log.warning("the teacher did not serve the merge of the last checkpoint within %.0fs (version %s): this "
+                        "update is guided by the older version", self.settings.await_merge_s, v)
+
     def wait_for_version(self, above: int, timeout_s: float) -> int | None:
         """Poll /v1/teacher until its version exceeds `above` (a scheduled merge landed)."""
         deadline = time.monotonic() + timeout_s
@@ -189,6 +202,8 @@ def push_adapter(link: TeacherLink, policy, step: int, cfg: TrainConfig, known_v
     if r is None:
         return {"teacher/push_failed": 1}
     m: dict[str, Any] = {"teacher/push_failed": 0, "teacher/merge_scheduled": int(r.merge_scheduled)}
+    if r.merge_scheduled and known_version is not None:
+        link.merge_above = known_version  # the next update waits for this merge (await_pushed_merge)
     if cfg.teacher.wait_for_merge_s > 0 and r.merge_scheduled:
         v = link.wait_for_version(known_version if known_version is not None else -1, cfg.teacher.wait_for_merge_s)
         if v is not None:

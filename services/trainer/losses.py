@@ -48,7 +48,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
         # approx_kl: the k3 estimator, as in CleanRL (http://joschu.net/blog/kl-approx.html)
         stats = {"approx_kl": float(((ratio - 1) - logratio).mean()),
                  "clipfrac": float(((ratio - 1).abs() > clip_coef).float().mean()),
-                 "ratio_mean": float(ratio.mean()), "ratio_max": float(ratio.max())}
+                 "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max())}
     return loss, stats
 
 

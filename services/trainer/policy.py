@@ -86,9 +86,10 @@ class Policy:
         if settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        gen = self.model.generation_config
+        gen = base.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self._neutral_generation_config(base)
         self._norm = next((m for n, m in self.model.named_modules() if n.endswith("language_model.norm")), None)
         if self._norm is None:
             raise RuntimeError("cannot find the language model's final norm (language_model.norm) for the value head")
@@ -98,6 +99,18 @@ class Policy:
         self.model.eval()
 
     # ------------------------------------------------------------------ plumbing
+
+    def _neutral_generation_config(self, base) -> None:
+        """Token ids only, as the teacher's hf backend does: `generate` fills every option our
+        fresh GenerationConfig leaves unset from `model.generation_config`, i.e. from the model
+        directory's generation_config.json (typical_p, no_repeat_ngram_size, top_k, ...; `gtr sft`
+        copies that file into its output). Any of them would make the sampled distribution differ
+        from the scored one (DESIGN §6)."""
+        from transformers import GenerationConfig
+
+        old = base.generation_config
+        base.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=sorted(self.eos_ids),
+                                                  pad_token_id=self.tokenizer.pad_token_id)
 
     def _keep_hidden(self, _module, _inputs, output):
         self._hidden = output[0] if isinstance(output, tuple) else output
@@ -110,9 +123,17 @@ class Policy:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
-    def train(self, mode: bool = True) -> None:
+    def train(self, mode: bool = True, dropout: bool = False) -> None:
+        """Train mode (gradient checkpointing runs only in train mode) with every dropout module
+        off, LoRA's included, unless `dropout` (`gtr sft`'s plain CE training): PPO scores like
+        the rollout did, so its ratio is exactly 1 at theta = theta_old (DESIGN §4; TRL,
+        OpenRLHF and verl do the same)."""
         self.model.train(mode)
         self.value_head.train(mode)
+        if mode and not dropout:
+            for m in self.model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict

@@ -85,7 +85,7 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
     def add(k, v):
         stats.setdefault(k, []).append(float(v))
 
-    policy.train(True)  # LoRA dropout (if configured) is on during the update only
+    policy.train(True)  # dropout stays off (Policy.train): the first minibatch's ratio is exactly 1
     new_values_all = torch.zeros(len(batch))
     try:
         for _epoch in range(p.epochs):

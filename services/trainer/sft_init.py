@@ -102,7 +102,7 @@ def train_on_pairs(policy: Policy, pairs: list[tuple[list[dict], str]], cfg: SFT
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps_total))))
     rng = np.random.default_rng(cfg.seed)
     losses = []
-    policy.train(True)
+    policy.train(True, dropout=True)  # lora.dropout applies to this CE training, never to PPO
     bar = tqdm(total=steps_total, desc="sft", disable=not cfg.progress)
     try:
         for epoch in range(cfg.epochs):

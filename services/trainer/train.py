@@ -115,6 +115,8 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         board.set_phase("teacher")
         bar.set_postfix_str("teacher")
         t0 = time.perf_counter()
+        if link is not None and guidance.uses_teacher:
+            link.await_pushed_merge()  # merged during the rollout: the same teacher version in every run
         guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer, derive_seed(cfg.seed, update, 3))
         seconds_teacher = time.perf_counter() - t0
         between_phases()
