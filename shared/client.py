@@ -60,6 +60,8 @@ class ServiceClient:
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         # The pool only keeps scheme, host and port: a path in base_url prefixes every route.
         self._prefix = parse_url(self.base_url).path or ""
+        self.traffic: dict[str, list[int]] = {}
+        """Per route: [successful calls, request body bytes, reply body bytes] (what sizes a deployment)."""
         # retries=False: the retry loop below is ours (backoff, logging, 503s); urllib3 raises.
         self._pool = urllib3.connection_from_url(self.base_url, maxsize=POOL_SIZE, block=False, retries=False,
                                                  headers=self._headers, timeout=_timeout(timeout))
@@ -80,7 +82,7 @@ class ServiceClient:
         content type)}) and `data` (form fields) as multipart/form-data. `adapter` (instead of
         `model`) validates the reply's bytes in one pass (`validate_json`): for big bodies ~2x
         faster than `json.loads` + `model_validate`."""
-        send = self._sender(method, route, json, files, data, timeout)
+        send, sent_bytes = self._sender(method, route, json, files, data, timeout)
         attempts = (self.retries if retries is None else retries) + 1
         last: ServiceError | None = None
         for attempt in range(attempts):
@@ -90,6 +92,10 @@ class ServiceClient:
                 last = ServiceError(self.service, method, route, None, f"{type(e).__name__}: {e} (at {self.base_url})")
             else:
                 if r.status < 400:
+                    t = self.traffic.setdefault(route, [0, 0, 0])
+                    t[0] += 1
+                    t[1] += sent_bytes
+                    t[2] += len(r.data or b"")
                     if adapter is not None:
                         return adapter.validate_json(r.data)
                     body = _json.loads(r.data) if r.data else None
@@ -107,7 +113,8 @@ class ServiceClient:
 
     def _sender(self, method: str, route: str, json: Any, files: dict | None, data: dict | None,
                 timeout: float | None):
-        """A call that sends the request once; the body is encoded once for all attempts."""
+        """(A call that sends the request once, the body's size); the body is encoded once for all
+        attempts. Multipart sizes count the parts' contents, not the boundaries."""
         url = self._prefix + route
         # redirect=False: a 3xx is the server's answer, as it was with httpx.
         kw: dict[str, Any] = {"retries": False, "redirect": False}
@@ -116,15 +123,16 @@ class ServiceClient:
         if files or data:
             # multipart/form-data; urllib3 adds the Content-Type with the boundary.
             fields = {**(data or {}), **(files or {})}
+            size = sum(len(v) for v in (data or {}).values()) + sum(len(f[1]) for f in (files or {}).values())
             return lambda: self._pool.request(method, url, fields=fields, encode_multipart=True,
-                                              headers=self._headers, **kw)
+                                              headers=self._headers, **kw), size
         if json is None:
-            return lambda: self._pool.urlopen(method, url, **kw)
+            return lambda: self._pool.urlopen(method, url, **kw), 0
         if isinstance(json, BaseModel):
             json = json.model_dump(mode="json", exclude_none=True)
         # Encoded as httpx did: compact, UTF-8, NaN refused.
         body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        return lambda: self._pool.urlopen(method, url, body=body, headers=self._json_headers, **kw)
+        return lambda: self._pool.urlopen(method, url, body=body, headers=self._json_headers, **kw), len(body)
 
     def _error(self, method: str, route: str, r: urllib3.BaseHTTPResponse) -> ServiceError:
         error, detail = "", r.data.decode("utf-8", "replace")[:2000]

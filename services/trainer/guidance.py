@@ -167,6 +167,17 @@ class TeacherLink:
     def info(self) -> TeacherInfo | None:
         return self._call("/v1/teacher", self.client.info)
 
+    def traffic(self, route: str) -> list[int]:
+        """[calls, request bytes, reply bytes] sent to `route` so far (the client counts them)."""
+        return list(getattr(self.client, "traffic", {}).get(route, [0, 0, 0]))
+
+    def traffic_metrics(self, route: str, before: list[int], prefix: str) -> dict[str, float]:
+        """Mean request / reply body size per call since `before` (a `traffic(route)`), in KB."""
+        n, sent, recv = (a - b for a, b in zip(self.traffic(route), before, strict=True))
+        if n <= 0:
+            return {}
+        return {f"{prefix}_requests": n, f"{prefix}_request_kb": sent / n / 1024, f"{prefix}_reply_kb": recv / n / 1024}
+
     def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
         return self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
 
@@ -229,7 +240,9 @@ def kl_guidance(link: TeacherLink, steps: "list[RolloutStep]", cfg: TrainConfig)
         m["teacher/unavailable"] = int(info is None)
         return m
     items = [LogitsItem(messages=s.messages, completion_ids=s.tokens[:s.n_thought]) for s in guided]
+    before = link.traffic("/v1/logits")
     res = link.logprobs(items, kl_temperature(cfg))
+    m.update(link.traffic_metrics("/v1/logits", before, "teacher/logits"))
     if res is None:
         m.update({"teacher/unavailable": 1, "teacher/kl_mean": None, "teacher/guided_frac": 0.0})
         return m
@@ -296,7 +309,9 @@ def sft_guidance(link: TeacherLink, steps: "list[RolloutStep]", cfg: TrainConfig
     items = [GenerateItem(messages=s.messages, max_new_tokens=g.teacher_max_new_tokens or cfg.generation.max_new_tokens,
                           temperature=g.teacher_temperature, seed=seed + i) for i, s in enumerate(steps)]
     m: dict[str, Any] = {"teacher/unavailable": 0, "teacher/kl_mean": None}
+    before = link.traffic("/v1/generate")
     res = link.generate(items)
+    m.update(link.traffic_metrics("/v1/generate", before, "teacher/generate"))
     if res is None:
         m["teacher/unavailable"] = 1
         m["sft/buffer_size"] = len(buffer)

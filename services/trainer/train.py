@@ -27,6 +27,7 @@ from services.trainer.ppo import build_batch, make_optimizer, ppo_update
 from services.trainer.rollout import collect, derive_seed, rollout_metrics
 from services.trainer.status import StatusBoard
 from shared.config import dump_config
+from shared.memory import PeakMemory
 from shared.models import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -103,30 +104,38 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     opt_steps = cfg.ppo.epochs * cfg.minibatches_per_epoch
     bar = tqdm(total=cfg.env.num_steps + opt_steps, desc=f"update {update}/{cfg.updates}", unit="step",
                disable=not cfg.logging.progress, leave=False)
+    # Peak host RSS (and CUDA memory) of each phase: what sizes a deployment (docs/scale.md).
+    mem, mem_m = PeakMemory(policy.device), {}
     try:
         board.set_phase("rollout")
         bar.set_postfix_str("rollout")
         t0 = time.perf_counter()
+        mem.reset()
         rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1), guidance=guidance)
         seconds_rollout = time.perf_counter() - t0
+        mem_m.update({f"memory/rollout_{k}": v for k, v in mem.read().items()})
         steps = rollout.flat()
         between_phases()
 
         board.set_phase("teacher")
         bar.set_postfix_str("teacher")
         t0 = time.perf_counter()
+        mem.reset()
         if link is not None and guidance.uses_teacher:
             link.await_pushed_merge()  # merged during the rollout: the same teacher version in every run
         guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer, derive_seed(cfg.seed, update, 3))
         seconds_teacher = time.perf_counter() - t0
+        mem_m.update({f"memory/teacher_{k}": v for k, v in mem.read().items()})
         between_phases()
 
         board.set_phase("ppo")
         bar.set_postfix_str("ppo")
         t0 = time.perf_counter()
+        mem.reset()
         batch, adv_m = build_batch(rollout, cfg, guidance)
         ppo_m = ppo_update(policy, optimizer, scheduler, batch, cfg, rng, sft_buffer, on_step=lambda: bar.update(1))
         seconds_ppo = time.perf_counter() - t0
+        mem_m.update({f"memory/ppo_{k}": v for k, v in mem.read().items()})
 
         push_m: dict[str, Any] = {}
         if link is not None and cfg.pushes():
@@ -147,7 +156,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     seconds_update = seconds_rollout + seconds_teacher + seconds_ppo
     metrics: dict[str, Any] = {
         "update": update, "env_steps": counters.env_steps, "guidance/mode": guidance.mode,
-        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m,
+        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m,
         "time/rollout_s": seconds_rollout, "time/teacher_s": seconds_teacher, "time/ppo_s": seconds_ppo,
         "time/update_s": seconds_update, "time/sps": len(steps) / max(1e-9, seconds_update),
     }
