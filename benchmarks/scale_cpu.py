@@ -112,6 +112,51 @@ def image_tokens(env_url: str, model_dir: Path) -> dict:
             "prompt_tokens": int(enc["input_ids"].shape[1]), "pixel_values_shape": list(enc["pixel_values"].shape)}
 
 
+def score_memory(model_dir: Path, micro_batch: int = 4, completion_len: int = 256, chunks=(256, 1 << 30)) -> dict:
+    """Peak RSS of one PPO micro-batch (score with grad + backward) at the real vocabulary, with
+    the log-prob chunking on (256 positions) and, for comparison, off (one chunk of everything:
+    the [B, K, V] tensors of the old code, though checkpointing still frees them before backward)."""
+    import torch
+
+    from services.envs.registry import Registry
+    from services.envs.sessions import observation_dict
+    from services.trainer.config import ModelSettings
+    from services.trainer.policy import Policy
+    from shared.chat import encode_prompt
+    from shared.memory import PeakMemory
+    from shared.prompting import observation_messages
+
+    settings = ModelSettings(path=str(model_dir), device="cpu", lora={"r": 128, "alpha": 256, "dropout": 0.0})
+    policy = Policy(model_dir, settings)
+    prompts = []
+    for i in range(micro_batch):
+        obs, _ = Registry().make("points24").reset(seed=i)
+        prompts.append(encode_prompt(policy.processor, observation_messages(observation_dict(obs))))
+    g = torch.Generator().manual_seed(0)
+    comps = [torch.randint(0, 151643, (completion_len,), generator=g).tolist() for _ in range(micro_batch)]
+    out = {"micro_batch": micro_batch, "completion_tokens": completion_len, "vocab": policy.model.config.text_config.vocab_size}
+    mem = PeakMemory()
+    policy.train(True)
+    for chunk in chunks:
+        policy.settings.logprob_chunk = chunk
+        import gc
+
+        gc.collect()
+        base = status_kb(os.getpid(), "VmRSS") or 0
+        mem.reset()
+        t0 = time.time()
+        sc = policy.score(prompts, comps, [completion_len // 2] * micro_batch, temperature=1.0, thought_coef=0.5)
+        (sc.logprob.sum() + 0.01 * sc.entropy.sum()).backward()
+        peak = mem.read().get("rss_peak_mb", 0.0)
+        policy.model.zero_grad(set_to_none=True)
+        out["all" if chunk >= 1 << 30 else str(chunk)] = {"rss_before_mb": round(base / 1024, 1), "rss_peak_mb": peak,
+                                                          "peak_minus_before_mb": round(peak - base / 1024, 1),
+                                                          "seconds": round(time.time() - t0, 1)}
+    one = micro_batch * completion_len * out["vocab"] * 4 / 2**20
+    out["one_fp32_B_K_V_mb"] = round(one, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-results")
@@ -122,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--modes", default="kl,sft")
     ap.add_argument("--probe-items", type=int, default=8)
+    ap.add_argument("--score-memory", action="store_true",
+                    help="only the PPO micro-batch memory with and without log-prob chunking -> scale-cpu-score.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from services.launcher.procs import ProcessGroup, gtr_argv
@@ -134,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         build_tiny_model(model, seed=0, size="wide")
         res["build_seconds"] = round(time.time() - t0, 1)
+    if args.score_memory:
+        r = score_memory(model)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "scale-cpu-score.json").write_text(json.dumps(r, indent=2) + "\n")
+        print(json.dumps(r, indent=2))
+        return 0
     cfg = json.loads((model / "config.json").read_text())
     import safetensors
 
