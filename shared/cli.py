@@ -3,6 +3,7 @@
     gtr tiny-model OUT [--seed N] [--size tiny|small|wide]
     gtr env serve ...            (services/envs/cli.py)
     gtr teacher serve|query ...  (services/teacher/cli.py)
+    gtr policy serve ...         (services/policy/cli.py: the teacher's service in its `latest` role)
     gtr train|sft|eval ...       (services/trainer/cli.py)
     gtr up|demo ...              (services/launcher/cli.py)
 """
@@ -16,7 +17,8 @@ import sys
 
 # Modules that define `register(subparsers)`; imported lazily so `gtr --help` stays fast and a
 # missing optional dependency only breaks its own subcommand.
-COMMAND_MODULES = ("services.envs.cli", "services.teacher.cli", "services.trainer.cli", "services.launcher.cli")
+COMMAND_MODULES = ("services.envs.cli", "services.teacher.cli", "services.policy.cli", "services.trainer.cli",
+                   "services.launcher.cli")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

@@ -269,7 +269,7 @@ class GenerateResponse(DeclaredResponse):
     items: list[GenerateResult]
 
 
-MergeMethod = Literal["ties", "linear", "none"]
+MergeMethod = Literal["ties", "linear", "none", "latest"]
 Weighting = Literal["sma", "ema"]
 
 
@@ -280,7 +280,8 @@ class MergeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     method: MergeMethod = "ties"
-    """ties | linear | none (none = the static base model: the paper's ablation)."""
+    """ties | linear | none (none = the static base model: the paper's ablation) | latest (no merge:
+    W0 + the newest upload exactly; the policy service's role, DESIGN §3.4)."""
     density: float = Field(default=0.5, gt=0, le=1)
     """TIES: fraction of each checkpoint's delta kept, by magnitude."""
     weighting: Weighting = "sma"
@@ -315,6 +316,15 @@ class MergeStats(DeclaredResponse):
     apply_seconds: float | None = Field(default=None, ge=0)
     skipped: str | None = None
     """Why nothing was merged (method none, a backend that takes no checkpoints)."""
+    step: int | None = None
+    """latest: the served checkpoint's training step."""
+    sync: Literal["dense", "lora", "lora+dense"] | None = None
+    """latest: how the adapter reached the engine: vLLM's LoRA path, the dense in-place reload (hf, or
+    the modules vLLM's LoRA ignores, such as the vision tower), or both."""
+    lora_modules: int | None = Field(default=None, ge=0)
+    dense_modules: int | None = Field(default=None, ge=0)
+    dense_reload: bool | None = None
+    """latest on vLLM: the engine's weights were reloaded (a dense part now, or one to undo)."""
 
 
 class MergeReport(DeclaredResponse):
@@ -349,6 +359,8 @@ class TeacherInfo(DeclaredResponse):
     refused_merges: int = Field(default=0, ge=0)
     """Merges refused since start because the result was not finite."""
     last_refused_merge: RefusedMerge | None = None
+    served_checkpoints: list[str] = Field(default_factory=list)
+    """The checkpoints the served version was built from (latest: the one adapter it serves)."""
 
 
 class CheckpointInfo(DeclaredResponse):

@@ -9,7 +9,7 @@ from pathlib import Path
 # Flag names are a contract (DESIGN §2): the fields' own names except where these rename them.
 _MERGE_FLAGS = {"method": "merge-method"}
 _VLLM_FLAGS = {"gpu_memory_utilization": "vllm-gpu-memory", "tensor_parallel_size": "vllm-tp"}
-_VLLM_NO_FLAG = ("max_images_per_prompt", "seed", "scratch_dir", "engine_kwargs")
+_VLLM_NO_FLAG = ("max_images_per_prompt", "seed", "scratch_dir", "engine_kwargs", "lora")
 _FLAGS: dict[str, dict[str, str]] = {}
 """Filled by `register`: {section: {argparse dest: field}} for `settings_from_args`."""
 

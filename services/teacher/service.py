@@ -64,7 +64,8 @@ class TeacherService:
                            tokenizer_fingerprint=self.backend.tokenizer_fingerprint, merge=self.settings,
                            checkpoints=len(self.store), last_merge=self.last_merge,
                            merge_running=self._merge_running, last_merge_error=self.last_merge_error,
-                           pending_checkpoints=self._pending)
+                           pending_checkpoints=self._pending,
+                           served_checkpoints=list(self.last_merge.checkpoints) if self.last_merge else [])
 
     @staticmethod
     def checkpoint_info(c: StoredCheckpoint) -> CheckpointInfo:
@@ -102,6 +103,8 @@ class TeacherService:
                 raise BaseMismatch(f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
         adapter = parse_adapter(model_bytes, config_bytes, self._base_shapes)
         same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), step)
+        if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
+            same = None  # latest serves the newest upload: an older twin must become the newest again
         if same is not None:
             # A client retrying an upload whose reply it lost: don't count the checkpoint twice.
             log.info("upload repeats checkpoint %s (same weights and step): not stored again", same.checkpoint_id)
@@ -128,6 +131,8 @@ class TeacherService:
 
     def _select(self, settings: MergeSettings) -> list[StoredCheckpoint]:
         items = self.store.list()
+        if settings.method == "latest":  # the newest upload, whatever its step (a new run may restart at 1)
+            return [max(items, key=lambda c: c.seq)] if items else []
         return items[-settings.window:] if settings.window else items
 
     # ------------------------------------------------------------------ merging
@@ -159,6 +164,14 @@ class TeacherService:
 
     def _build(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int) -> MergeReport:
         t0 = time.perf_counter()
+        if settings.method == "latest" and items:
+            # The policy role (DESIGN §3.4): W0 + this one adapter exactly, no merge. The backend
+            # picks how (vLLM: its LoRA path, the dense reload for what that path ignores).
+            (adapter,) = self._load(items[-1:])
+            load_s = time.perf_counter() - t0
+            stats = {"method": "latest", "checkpoints": 1, "step": items[-1].step,
+                     **self.backend.apply_adapter(adapter, version)}
+            return self._record(items[-1:], settings, version, stats, load_s, t0)
         if not items:
             delta, stats = None, {"method": settings.method, "checkpoints": 0}
         else:
@@ -170,6 +183,10 @@ class TeacherService:
             stats["weights"] = [round(float(w), 6) for w in weights]
         merge_s = time.perf_counter() - t0
         self.backend.apply_delta(delta, version)
+        return self._record(items, settings, version, stats, merge_s, t0)
+
+    def _record(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int, stats: dict,
+                merge_s: float, t0: float) -> MergeReport:
         seconds = time.perf_counter() - t0
         stats["merge_seconds"] = merge_s
         stats["apply_seconds"] = seconds - merge_s

@@ -44,6 +44,11 @@ class VllmSettings(StrictModel):
     """Where a merge's delta file is written for the engine workers to read (default: tmp)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra `vllm.LLM(...)` arguments, passed through (no flag; settings files and tests)."""
+    lora: bool = False
+    """Serve adapters through vLLM's LoRA support (no flag: on in the policy role, merge method latest)."""
+    max_lora_rank: int = Field(default=64, ge=1)
+    """Policy role: largest adapter rank synced as vLLM LoRA (must be >= the trainer's lora.r;
+    higher ranks fall back to the dense reload)."""
 
 
 class TeacherSettings(StrictModel):
@@ -85,5 +90,6 @@ class TeacherSettings(StrictModel):
             return {"model": self.model, "base_url": self.openai_base_url, "api_key_env": self.openai_api_key_env}
         out = {"model": self.model, "device": self.device, "dtype": self.dtype, "max_tokens": self.max_tokens}
         if self.backend == "vllm":
-            out["vllm"] = self.vllm
+            # The policy role syncs adapters through vLLM's LoRA (DESIGN §3.4).
+            out["vllm"] = self.vllm.model_copy(update={"lora": True}) if self.merge.method == "latest" else self.vllm
         return out

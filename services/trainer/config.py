@@ -109,6 +109,25 @@ class GenerationSettings(StrictModel):
     max_new_tokens: int = Field(default=64, ge=1)
 
 
+class RolloutSettings(StrictModel):
+    """Where rollout tokens are sampled (DESIGN §3.4). PPO is exact either way: the old log-prob
+    is always the trainer's own fp32 re-score of the sampled tokens."""
+
+    engine: Literal["local", "service"] = "local"
+    """local: transformers `generate` inside the trainer. service: the policy service at `url`
+    (`gtr policy serve`, vLLM or hf), which the trainer syncs its adapter into before each rollout."""
+    url: str = "http://127.0.0.1:8400"
+    tis_cap: float | None = Field(default=None, gt=0)
+    """Truncated importance sampling: weight each sample's policy loss by
+    min(pi_trainer / pi_sampler, tis_cap) (off when null; service engine only)."""
+    sync_timeout_s: float = Field(default=300.0, gt=0)
+    """How long to wait for the policy service to serve a just-uploaded adapter (and to be ready)."""
+    timeout_s: float = Field(default=300.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    """Items per /v1/generate request."""
+
+
 class RewardSettings(StrictModel):
     format_ok: float = 0.0
     """Added to the env reward when info.format_ok is true (Points24 +3, ALFWorld +5 in the paper)."""
@@ -157,6 +176,7 @@ class TrainConfig(StrictModel):
     teacher: TeacherSettings = TeacherSettings()
     guidance: GuidanceSettings = GuidanceSettings()
     generation: GenerationSettings = GenerationSettings()
+    rollout: RolloutSettings = RolloutSettings()
     reward: RewardSettings = RewardSettings()
     ppo: PPOSettings = PPOSettings()
     trainer: ServiceSettings = ServiceSettings()

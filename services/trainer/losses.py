@@ -37,13 +37,18 @@ def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (x - x.mean()) / (x.std() + eps)
 
 
-def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_coef: float):
-    """Clipped surrogate (Schulman et al. 2017, eq. 7) on sequence-level ratios; (loss, stats)."""
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_coef: float,
+                  weights: torch.Tensor | None = None):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7) on sequence-level ratios; (loss, stats).
+
+    `weights`: per-sample factors on the surrogate (the truncated importance weights of
+    `rollout.tis_cap`, which correct for a sampler that is not the trainer: verl's / slime's TIS)."""
     logratio = logp - old_logp
     ratio = logratio.exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)
-    loss = torch.maximum(pg1, pg2).mean()
+    per_sample = torch.maximum(pg1, pg2)
+    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
     with torch.no_grad():
         # approx_kl: the k3 estimator, as in CleanRL (http://joschu.net/blog/kl-approx.html)
         stats = {"approx_kl": float(((ratio - 1) - logratio).mean()),

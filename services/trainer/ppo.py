@@ -16,6 +16,7 @@ from services.trainer.guidance import Guidance, ReplayBuffer, make_guidance
 from services.trainer.losses import cosine_lr_factor, explained_variance, gae, normalize, ppo_clip_loss, value_loss
 from services.trainer.policy import Policy
 from services.trainer.rollout import Rollout
+from services.trainer.sampler import nan_if_none, tis_weights
 from services.trainer.stored_prompt import StoredPrompt
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class PPOBatch:
     """Normalised, KL-shaped advantages: what the surrogate uses."""
     returns: torch.Tensor
     """Value targets: GAE returns without the KL term."""
+    is_weights: torch.Tensor | None = None
+    """Truncated importance weights min(pi_trainer / pi_sampler, rollout.tis_cap), or None (off)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -65,6 +68,10 @@ def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = 
                      old_values=values.reshape(-1), advantages=b_adv, returns=returns.reshape(-1))
     m = {"ppo/adv_raw_mean": float(adv.mean()), "ppo/return_mean": float(returns.mean()),
          "ppo/kl_penalty_mean": float(beta * kl.mean())}
+    if cfg.rollout.tis_cap is not None and any(s.sampler_logprob is not None for s in flat):
+        sampler_logp = torch.tensor([nan_if_none(s.sampler_logprob) for s in flat], dtype=torch.float64)
+        batch.is_weights, tis_m = tis_weights(batch.old_logp.double(), sampler_logp, cfg.rollout.tis_cap)
+        m.update(tis_m)
     return batch, m
 
 
@@ -99,7 +106,8 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                                       [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef,
                                       entropy_grad=p.ent_coef > 0)
                     old_logp, adv = batch.old_logp[idx].to(dev), batch.advantages[idx].to(dev)
-                    pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef)
+                    is_w = batch.is_weights[idx].to(dev) if batch.is_weights is not None else None
+                    pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef, weights=is_w)
                     v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
                     ent = sc.entropy.mean()
                     loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * ent

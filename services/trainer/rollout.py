@@ -19,6 +19,7 @@ from services.trainer.config import TrainConfig
 from services.trainer.envpool import EnvPool, EnvResult
 from services.trainer.guidance import Guidance, make_guidance
 from services.trainer.policy import Policy
+from services.trainer.sampler import LocalSampler, Sampler, logprob_gap, weighted_logprob
 from services.trainer.spans import split_spans
 from services.trainer.stored_prompt import StoredPrompt, store_prompt
 from shared.chat import encode_prompt
@@ -66,6 +67,12 @@ class RolloutStep:
     kl: float | None = None
     kl_tokens: list[float] | None = None
     teacher_version: int | None = None
+    sampler_logprob: float | None = None
+    """The policy service's log-prob of the sample, weighted like `logprob` (None: sampled locally)."""
+    sampler_gap: list[float] | None = None
+    """Per token, the policy service's log-prob minus the trainer's re-score (None: sampled locally)."""
+    sampler_version: int | None = None
+    """The policy service's adapter version that sampled this step."""
 
 
 @dataclass
@@ -86,9 +93,12 @@ def decode_image(obs_image: str | None) -> np.ndarray | None:
 
 
 def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
-            on_step: Callable[[int], None] | None = None, guidance: Guidance | None = None) -> Rollout:
+            on_step: Callable[[int], None] | None = None, guidance: Guidance | None = None,
+            sampler: Sampler | None = None) -> Rollout:
     """One update's rollout. Episodes start fresh each update with seeds derived from
-    (cfg.seed, update, env, episode), so a resumed run replays the same episodes."""
+    (cfg.seed, update, env, episode), so a resumed run replays the same episodes. `sampler`
+    draws the tokens (default: the policy itself); the old log-prob is always the policy's own."""
+    sampler = sampler or LocalSampler(policy)
     n, T = cfg.env.num_envs, cfg.env.num_steps
     proc, tok = policy.processor, policy.tokenizer
     temp = cfg.generation.temperature
@@ -100,7 +110,9 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
     for t in range(T):
         messages = [observation_messages(c.observation) for c in current]
         prompts = [encode_prompt(proc, m) for m in messages]
-        completions = policy.generate(prompts, temp, cfg.generation.max_new_tokens)
+        sampled = sampler.sample(messages, prompts, temp, cfg.generation.max_new_tokens,
+                                 [derive_seed(cfg.seed, update, e, t, 5) for e in range(n)])
+        completions = sampled.tokens
         spans = [split_spans(tok, c) for c in completions]
         with torch.no_grad():
             sc = policy.score(prompts, completions, [s.n_thought for s in spans], temp, cfg.ppo.thought_coef,
@@ -122,6 +134,11 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
                 student_thought_lp=sc.thought_logprobs[e] if sc.thought_logprobs is not None else None,
                 env_reward=float(r.reward), reward=float(shaped), terminated=bool(r.terminated),
                 truncated=bool(r.truncated), format_ok=fmt, info=r.info, env_index=e))
+            if sampled.logprobs is not None:  # the sampler/trainer mismatch (DESIGN §3.4)
+                s_lp = sampled.logprobs[e]
+                row[-1].sampler_logprob = weighted_logprob(s_lp, spans[e].n_thought, cfg.ppo.thought_coef)
+                row[-1].sampler_gap = (torch.tensor(s_lp) - sc.token_logprobs[e].float().cpu()).tolist()
+                row[-1].sampler_version = sampled.version
             ep_return[e] += r.reward
             ep_len[e] += 1
             if r.terminated or r.truncated:
@@ -179,6 +196,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
         "rollout/tokens_mean": float(np.mean([len(s.tokens) for s in flat])),
         "rollout/value_mean": float(np.mean([s.value for s in flat])),
         "rollout/env_errors": sum("env_error" in s.info for s in flat),
+        **logprob_gap(flat),
     }
     by_type: dict[str, list[dict]] = {}
     for e in eps:

@@ -25,6 +25,7 @@ from services.trainer.metrics import MetricsWriter, with_contract_aliases, write
 from services.trainer.policy import Policy
 from services.trainer.ppo import build_batch, make_optimizer, ppo_update
 from services.trainer.rollout import collect, derive_seed, rollout_metrics
+from services.trainer.sampler import LocalSampler, Sampler, make_sampler
 from services.trainer.status import StatusBoard
 from shared.config import dump_config
 from shared.memory import PeakMemory
@@ -44,7 +45,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
     board = board or StatusBoard(cfg.updates, str(run_dir), cfg.guidance.mode)
     guidance = make_guidance(cfg)
     board.loop_alive.set()
-    policy = pool = link = writer = None
+    policy = pool = link = writer = sampler = None
     try:
         policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed)
         optimizer, scheduler = make_optimizer(policy, cfg)
@@ -56,6 +57,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
             writer.truncate_after(counters.update)
         elif cfg.resume:
             log.warning("resume requested but %s has no checkpoint: starting fresh", checkpoint_dir(run_dir))
+        sampler = make_sampler(cfg, policy, tokenizer_fingerprint(policy.tokenizer))
         pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options, cfg.env.timeout_s, cfg.env.retries)
         if guidance.uses_teacher or cfg.pushes():
             link = TeacherLink(cfg, fingerprint=tokenizer_fingerprint(policy.tokenizer))
@@ -72,7 +74,7 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         stopped = False
         for update in range(counters.update + 1, cfg.updates + 1):
             metrics = run_update(cfg, update, policy, optimizer, scheduler, pool, link, sft_buffer, counters, board, writer,
-                                 between_phases=checkpoint_if_requested, guidance=guidance)
+                                 between_phases=checkpoint_if_requested, guidance=guidance, sampler=sampler)
             stop = board.stop_requested.is_set()
             if update % cfg.save_every == 0 or update == cfg.updates or stop or board.checkpoint_requested.is_set():
                 board.set_phase("checkpoint")
@@ -90,14 +92,15 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         raise
     finally:
         board.loop_alive.clear()
-        for closable in (pool, link, writer):
+        for closable in (pool, link, writer, sampler):
             if closable is not None:
                 closable.close()
 
 
 def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, scheduler, pool: EnvPool,
                link: TeacherLink | None, sft_buffer: ReplayBuffer | None, counters: Counters, board: StatusBoard,
-               writer: MetricsWriter, between_phases=lambda: None, guidance: Guidance | None = None) -> dict[str, Any]:
+               writer: MetricsWriter, between_phases=lambda: None, guidance: Guidance | None = None,
+               sampler: Sampler | None = None) -> dict[str, Any]:
     guidance = guidance or make_guidance(cfg)
     torch.manual_seed(derive_seed(cfg.seed, update, 1))
     rng = np.random.default_rng(derive_seed(cfg.seed, update, 2))
@@ -111,7 +114,11 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         bar.set_postfix_str("rollout")
         t0 = time.perf_counter()
         mem.reset()
-        rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1), guidance=guidance)
+        sampler = sampler or LocalSampler(policy)
+        # rollout.engine=service: the policy service must serve the weights after update-1 first.
+        sync_m = sampler.sync(update - 1)
+        rollout = collect(policy, pool, cfg, update, on_step=lambda _t: bar.update(1), guidance=guidance,
+                          sampler=sampler)
         seconds_rollout = time.perf_counter() - t0
         mem_m.update({f"memory/rollout_{k}": v for k, v in mem.read().items()})
         steps = rollout.flat()
@@ -156,7 +163,8 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     seconds_update = seconds_rollout + seconds_teacher + seconds_ppo
     metrics: dict[str, Any] = {
         "update": update, "env_steps": counters.env_steps, "guidance/mode": guidance.mode,
-        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m,
+        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m, **sync_m,
+        "rollout/engine": sampler.name,
         "time/rollout_s": seconds_rollout, "time/teacher_s": seconds_teacher, "time/ppo_s": seconds_ppo,
         "time/update_s": seconds_update, "time/sps": len(steps) / max(1e-9, seconds_update),
     }

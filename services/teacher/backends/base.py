@@ -10,11 +10,15 @@ merged delta `tau` per base parameter and hands it to `apply_delta`; the backend
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
 from services.teacher.errors import NonFiniteOutput
+
+if TYPE_CHECKING:
+    from services.teacher.adapters import Adapter
 
 
 def check_finite(values: torch.Tensor | list[float], what: str) -> None:
@@ -60,6 +64,17 @@ class TeacherBackend(ABC):
         Atomic from the requests' point of view: a request is served wholly by the old or
         wholly by the new weights, and reports the version that served it.
         """
+
+    def apply_adapter(self, adapter: "Adapter", version: int) -> dict[str, Any]:
+        """Serve `W0 + adapter` (one LoRA adapter, exactly: no merge) as `version`; returns stats.
+
+        The policy role (`--merge-method latest`, DESIGN §3.4). This default folds the adapter's
+        full delta `scaling * B @ A` into the weights through `apply_delta`; the vllm backend
+        overrides it with vLLM's own LoRA support (adapter-only sync).
+        """
+        delta = {name: f.delta() for name, f in adapter.factors.items()}
+        self.apply_delta(delta, version)
+        return {"sync": "dense", "dense_modules": len(delta), "lora_modules": 0}
 
     @abstractmethod
     def logprobs(self, items: list[LogitsItem], temperature: float = 1.0) -> tuple[int, list[LogitsResult]]:

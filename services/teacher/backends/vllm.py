@@ -16,12 +16,21 @@ Same contract as the `hf` backend (see `base.py`):
   log-probs are untempered in vLLM, so only temperature 1 is served (else 400).
 - `/v1/generate`: vLLM sampling (temperature, top_p, seed); the vision special tokens get a
   -100 logit bias so a sampled `<|image_pad|>` cannot break the next forward.
+- The policy role (`lora=True`, `gtr policy serve`, DESIGN §3.4): `apply_adapter` syncs one
+  adapter through vLLM's LoRA support, a `LoRARequest` per adapter version (adapter-only: no
+  weight reload). Modules vLLM's LoRA path ignores (the vision tower, anything outside the
+  language model's linear layers) fall back to the dense in-place reload above, and the stats say
+  so. The old adapter is dropped under the engine lock, so nothing in flight still uses it.
 """
+
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -41,6 +50,11 @@ from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResul
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "services.teacher.backends.vllm_worker.WeightSyncExtension"
+
+# Linear layers of the language model that vLLM's LoRA path serves (packed into qkv_proj and
+# gate_up_proj inside vLLM, which its loader handles). Everything else reloads densely.
+_LORA_MODULE = re.compile(r"^(?:model\.language_model\.|model\.)layers\.\d+\.(?:self_attn|mlp)\."
+                          r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 
 
 def runtime_name(checkpoint_name: str, is_vl: bool) -> str:
@@ -131,6 +145,9 @@ class VLLMBackend(TeacherBackend):
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if self.is_vl:
             kwargs["limit_mm_per_prompt"] = {"image": s.max_images_per_prompt, "video": 0}
+        if s.lora:
+            # One adapter at a time: the new one is added under the lock before the old one goes.
+            kwargs.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=1)
         kwargs.update(s.engine_kwargs)
         log.info("starting vLLM %s engine for %s: %s", vllm_mod.__version__, self.model_dir,
                  {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")})
@@ -140,6 +157,11 @@ class VLLMBackend(TeacherBackend):
         self._vocab = len(self.tokenizer)
         self._lock = threading.Lock()
         self._version = 0
+        self._lora = None
+        """The LoRARequest every request runs with (policy role), or None."""
+        self._dense_on = False
+        """Weights in the engine differ from W0 (a dense reload with a delta happened)."""
+        self._lora_root = Path(tempfile.mkdtemp(prefix="gtr-vllm-lora-", dir=s.scratch_dir)) if s.lora else None
 
     # -- names and shapes -------------------------------------------------------------------
 
@@ -203,9 +225,88 @@ class VLLMBackend(TeacherBackend):
                 # the scheduler's bookkeeping must follow or it skips re-encoding images).
                 self._llm.reset_prefix_cache()
                 self._llm.llm_engine.reset_encoder_cache()
+                self._drop_lora()
+                self._dense_on = bool(delta)
                 self._version = version
         log.info("vLLM engine now serves version %d (%d tensors reloaded, %d with a delta)",
                  version, counts[0] if counts else -1, len(delta))
+
+    def apply_adapter(self, adapter, version: int) -> dict[str, Any]:
+        """Serve W0 + `adapter` as `version`: its language-model modules as a vLLM LoRA adapter,
+        the rest (vision tower) by the dense in-place reload. Without `lora`: all dense."""
+        if not self.settings.lora:
+            return super().apply_adapter(adapter, version)
+        lora = {n: f for n, f in adapter.factors.items() if _LORA_MODULE.match(n) and not f.embedding}
+        dense = {n: f.delta() for n, f in adapter.factors.items() if n not in lora}
+        rank = max((int(f.A.shape[0]) for f in lora.values()), default=0)
+        if rank > self.settings.max_lora_rank:
+            log.warning("adapter rank %d > max_lora_rank %d: version %d served by the dense reload instead of LoRA",
+                        rank, self.settings.max_lora_rank, version)
+            return super().apply_adapter(adapter, version)
+        if dense:
+            log.info("version %d: %d adapter modules are outside vLLM's LoRA path (%s...): dense in-place reload "
+                     "for them", version, len(dense), sorted(dense)[0])
+        request = self._write_lora(lora, rank, version) if lora else None
+        with tempfile.TemporaryDirectory(prefix="gtr-vllm-delta-", dir=self.settings.scratch_dir) as tmp:
+            path = None
+            if dense:
+                from safetensors.torch import save_file
+
+                path = str(Path(tmp) / "delta.safetensors")
+                save_file({self._to_checkpoint[n]: t.contiguous() for n, t in dense.items()}, path)
+            with self._lock:
+                reloaded = bool(dense) or self._dense_on
+                if reloaded:  # new dense part, or back to W0 where the last adapter had one
+                    self._llm.collective_rpc("gtr_load_merged", args=(str(self.model_dir), path))
+                    self._llm.llm_engine.reset_encoder_cache()
+                    self._dense_on = bool(dense)
+                if request is not None:
+                    self._llm.llm_engine.add_lora(request)  # load it now, not in the first request
+                old, self._lora = self._lora, request
+                if old is not None:  # nothing is in flight: requests hold this lock
+                    self._llm.llm_engine.remove_lora(old.lora_int_id)
+                    shutil.rmtree(old.lora_path, ignore_errors=True)
+                # KV computed under the old adapter must not serve the new one.
+                self._llm.reset_prefix_cache()
+                self._version = version
+        sync = "lora+dense" if lora and dense else ("lora" if lora else "dense")
+        log.info("vLLM engine now serves version %d (sync: %s; %d LoRA modules, %d dense)", version, sync, len(lora),
+                 len(dense))
+        return {"sync": sync, "lora_modules": len(lora), "dense_modules": len(dense), "dense_reload": reloaded}
+
+    def _write_lora(self, factors: dict, rank: int, version: int):
+        """A peft-format adapter directory vLLM reads: every module padded to `rank` with zeros
+        (B @ A unchanged) and its scaling folded into B, so one `r = lora_alpha` config is exact
+        whatever the adapter's rank / alpha patterns or rsLoRA."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        out = self._lora_root / f"v{version}"
+        out.mkdir(parents=True, exist_ok=True)
+        tensors, targets = {}, set()
+        for name, f in factors.items():
+            module = name[: -len(".weight")]
+            r = int(f.A.shape[0])
+            A = torch.zeros((rank, f.A.shape[1]), dtype=torch.float32)
+            B = torch.zeros((f.B.shape[0], rank), dtype=torch.float32)
+            A[:r] = f.A.float()
+            B[:, :r] = f.B.float() * f.scaling
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+            targets.add(module.rsplit(".", 1)[-1])
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(targets), "bias": "none",
+             "use_rslora": False, "lora_dropout": 0.0}))
+        return LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=str(out))
+
+    def _drop_lora(self) -> None:
+        """Serve without an adapter (caller holds the lock)."""
+        if self._lora is not None:
+            self._llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+            self._lora = None
+
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -296,7 +397,7 @@ class VLLMBackend(TeacherBackend):
             params.append(self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k,
                                                detokenize=False))
             expected.append((completion, top_k))
-        outs = self._llm.generate(prompts, params, use_tqdm=False)
+        outs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         results = []
         for out, (completion, top_k) in zip(outs, expected, strict=True):
             n = len(completion)
@@ -339,7 +440,7 @@ class VLLMBackend(TeacherBackend):
         self._check_size(len(items), longest)
         with self._lock:
             version = self._version
-            outs = self._llm.generate(prompts, params, use_tqdm=False)
+            outs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         results = []
         for out in outs:
             o = out.outputs[0]
@@ -366,3 +467,5 @@ class VLLMBackend(TeacherBackend):
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             log.warning("vLLM engine shutdown failed", exc_info=True)
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)

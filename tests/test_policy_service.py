@@ -1,0 +1,226 @@
+"""The policy service (DESIGN §3.4) on its `hf` backend, and the trainer's side of it.
+
+Real components: the teacher's app in its `latest` role (uvicorn on a free port, or Starlette's
+TestClient), the real env service, the tiny Qwen2.5-VL with peft adapters as the trainer writes
+them, and the trainer's own Policy / collect. The vLLM backend's counterparts of these tests are
+in tests/vllm_backend/test_policy_vllm.py (`make test-vllm`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
+from services.teacher.settings import TeacherSettings
+from services.trainer.app import ServerThread
+from services.trainer.config import load_train_config
+from services.trainer.envpool import EnvPool
+from services.trainer.losses import ppo_clip_loss
+from services.trainer.policy import Policy
+from services.trainer.rollout import collect
+from services.trainer.sampler import (LocalSampler, ServiceSampler, StalePolicyError, logprob_gap, tis_weights,
+                                      weighted_logprob)
+from shared.chat import encode_prompt
+from shared.client import ServiceClient
+from shared.policy_client import PolicyClient
+from tests.trainer_services import free_port, running_services
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env_url():
+    with running_services(None, None, teacher=False) as (url, _):
+        yield url
+
+
+def _serve(model_dir, store, merge_method="latest"):
+    settings = TeacherSettings(model=str(model_dir), store=str(store), merge_method=merge_method, device="cpu",
+                               dtype="float32")
+    port = free_port()
+    server = ServerThread(create_app(settings), "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    ServiceClient(url, service="policy").wait_ready(timeout=120)
+    return server, url
+
+
+@pytest.fixture
+def policy_url(tiny_model_dir, tmp_path):
+    server, url = _serve(tiny_model_dir, tmp_path / "policy-store")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def _cfg(tmp_path, model, env_url, policy_url, *extra):
+    return load_train_config(str(ROOT / "configs/tiny-cpu.yaml"), [
+        f"model.path={model}", f"env.url={env_url}", f"rollout.url={policy_url}", "rollout.engine=service",
+        f"run_dir={tmp_path / 'run'}", "trainer.port=0", "logging.progress=false", "env.num_envs=3",
+        "env.num_steps=3", "generation.max_new_tokens=12", *extra])
+
+
+def _randomise_lora(policy: Policy, seed: int) -> None:
+    """Stands in for a PPO update, with a large effect on the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _tokens(rollout) -> list[list[list[int]]]:
+    return [[s.tokens for s in row] for row in rollout.steps]
+
+
+def test_greedy_rollouts_through_the_hf_policy_service_equal_local(tiny_model_dir, env_url, policy_url, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir, env_url, policy_url, "model.lora.vision=true")
+    policy = Policy(tiny_model_dir, cfg.model, seed=0)
+    pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options)
+    service = ServiceSampler(policy, cfg.rollout, greedy=True)
+    try:
+        versions = []
+        for update in (1, 2):
+            if update == 2:
+                _randomise_lora(policy, seed=1)
+            versions.append(service.sync(update - 1)["rollout/policy_version"])
+            info = service.client.info()
+            assert info.merge.method == "latest" and info.served_checkpoints == [service.checkpoint_id]
+            assert info.last_merge.stats["sync"] == "dense"
+            local = collect(policy, pool, cfg, update, sampler=LocalSampler(policy, greedy=True))
+            remote = collect(policy, pool, cfg, update, sampler=service)
+            assert any(s.image is not None for s in remote.flat())
+            assert _tokens(remote) == _tokens(local), f"update {update}: the service's greedy tokens differ"
+            assert {s.sampler_version for s in remote.flat()} == {versions[-1]}
+            if update == 2:
+                assert _tokens(remote) != first, "the pushed update did not change the rollouts"
+            first = _tokens(remote)
+        assert versions == [1, 2]
+    finally:
+        service.close()
+        pool.close()
+
+
+def test_a_stale_reply_is_refused_and_a_teacher_url_is_not_a_policy(tiny_model_dir, env_url, policy_url, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir, env_url, policy_url)
+    policy = Policy(tiny_model_dir, cfg.model, seed=0)
+    pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options)
+    service = ServiceSampler(policy, cfg.rollout)
+    try:
+        service.sync(0)
+        other = Policy(tiny_model_dir, cfg.model, seed=5)
+        _randomise_lora(other, seed=5)
+        with PolicyClient(policy_url) as c:
+            c.upload_adapter(other.save_adapter(tmp_path / "other"), step=7)
+            deadline = time.monotonic() + 60
+            while c.info().version <= service.version and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with pytest.raises(StalePolicyError, match="sampled with adapter version 2, but the trainer synced version 1"):
+            collect(policy, pool, cfg, 1, sampler=service)
+        # A fresh sync makes it serve the trainer's adapter again (its older twin is re-served, not deduplicated).
+        assert service.sync(0)["rollout/policy_version"] == 3
+        collect(policy, pool, cfg, 1, sampler=service)
+    finally:
+        service.close()
+        pool.close()
+    server, teacher_url = _serve(tiny_model_dir, tmp_path / "teacher-store", merge_method="ties")
+    try:
+        with pytest.raises(ValueError, match="is a teacher"):
+            ServiceSampler(policy, cfg.rollout.model_copy(update={"url": teacher_url}))
+    finally:
+        server.stop()
+
+
+def test_latest_serves_the_newest_upload_exactly_and_restores_it(tiny_model_dir, tmp_path):
+    """W0 + the newest adapter, no merge: its scores equal the peft model's; newest = last upload
+    (whatever its step); a restart serves the same checkpoint again."""
+    from peft import PeftModel
+
+    from shared.chat import completion_logprobs, encode
+    from shared.models import load_model_and_processor
+
+    cfg = load_train_config(None, [f"model.path={tiny_model_dir}", "model.device=cpu", "model.lora.vision=true"])
+    adapters = []
+    for seed in (1, 2):
+        p = Policy(tiny_model_dir, cfg.model, seed=seed)
+        _randomise_lora(p, seed)
+        adapters.append(p.save_adapter(tmp_path / f"a{seed}"))
+    settings = TeacherSettings(model=str(tiny_model_dir), store=str(tmp_path / "store"), merge_method="latest",
+                               device="cpu", dtype="float32")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Go to 7. Where now?"}]}]
+    completion = [50, 60, 70, 80]
+    body = {"items": [{"messages": messages, "completion_ids": completion}]}
+
+    def upload(client, adapter, step):
+        files = {"adapter_model": ("adapter_model.safetensors", (adapter / "adapter_model.safetensors").read_bytes()),
+                 "adapter_config": ("adapter_config.json", (adapter / "adapter_config.json").read_bytes())}
+        r = client.post("/v1/checkpoints", files=files, data={"step": str(step)})
+        assert r.status_code == 200, r.text
+        return r.json()["checkpoint_id"]
+
+    with TestClient(create_app(settings, backend=HFBackend(tiny_model_dir, device="cpu", dtype="float32"),
+                               background_merges=False)) as c:
+        upload(c, adapters[0], step=5)
+        newest = upload(c, adapters[1], step=1)  # a lower step, uploaded last: served
+        report = c.post("/v1/merge").json()
+        info = c.get("/v1/teacher").json()
+        assert info["served_checkpoints"] == [newest] and report["stats"]["method"] == "latest"
+        served = c.post("/v1/logits", json=body).json()
+    model, processor = load_model_and_processor(tiny_model_dir, device="cpu", dtype="float32")
+    peft_model = PeftModel.from_pretrained(model, str(adapters[1])).eval()
+    batch = encode(processor, [encode_prompt(processor, messages)], [completion])
+    with torch.no_grad():
+        ref = completion_logprobs(peft_model, batch)[0][0]
+    assert torch.allclose(torch.tensor(served["items"][0]["logprobs"]), ref, atol=1e-5)
+    with TestClient(create_app(settings, backend=HFBackend(tiny_model_dir, device="cpu", dtype="float32"),
+                               background_merges=False)) as c:
+        again = c.get("/v1/teacher").json()
+        assert again["version"] == info["version"] and again["served_checkpoints"] == [newest]
+        assert c.post("/v1/logits", json=body).json()["items"][0]["logprobs"] == served["items"][0]["logprobs"]
+
+
+# ------------------------------------------------------------------ pure math
+
+
+def test_weighted_logprob_and_gap():
+    assert weighted_logprob([-1.0, -2.0, -3.0], n_thought=2, thought_coef=0.5) == pytest.approx(-4.5)
+
+    class S:
+        def __init__(self, gap):
+            self.sampler_gap = gap
+
+    m = logprob_gap([S([0.001, -0.003]), S(None), S([0.0])])
+    assert m == {"rollout/sampler_logprob_gap_mean": pytest.approx(0.004 / 3),
+                 "rollout/sampler_logprob_gap_max": pytest.approx(0.003), "rollout/sampler_tokens": 3}
+    assert logprob_gap([S(None)]) == {}
+
+
+def test_truncated_importance_weights():
+    old = torch.tensor([-1.0, -2.0, -3.0, -1.0])
+    sampler = torch.tensor([-1.5, -1.0, -3.0, math.nan])  # ratios e^0.5, e^-1, 1, no sampler log-prob
+    w, m = tis_weights(old, sampler, cap=1.5)
+    assert torch.allclose(w, torch.tensor([1.5, math.exp(-1.0), 1.0, 1.0]))
+    assert m["ppo/tis_clipped_frac"] == 0.25
+    # The weights scale each sample's surrogate: weight 0 removes a sample, weight 1 leaves the plain loss.
+    logp, adv = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, -2.0])
+    plain, _ = ppo_clip_loss(logp, logp, adv, 0.2)
+    only_first, _ = ppo_clip_loss(logp, logp, adv, 0.2, weights=torch.tensor([1.0, 0.0]))
+    assert plain == pytest.approx((-1.0 + 2.0) / 2) and only_first == pytest.approx(-1.0 / 2)
+
+
+def test_policy_cli_is_the_teacher_serve_in_the_latest_role():
+    from services.teacher.cli import _settings
+    from shared.cli import build_parser
+
+    args = build_parser().parse_args(["policy", "serve", "--model", "m", "--store", "s", "--backend", "vllm",
+                                      "--vllm-max-lora-rank", "32"])
+    s = _settings(args, TeacherSettings)
+    assert (s.merge_method, s.port, s.backend) == ("latest", 8400, "vllm")
+    assert s.backend_settings()["vllm"] == {"max_lora_rank": 32, "lora": True}
