@@ -224,3 +224,88 @@ def test_policy_cli_is_the_teacher_serve_in_the_latest_role():
     s = _settings(args, TeacherSettings)
     assert (s.merge_method, s.port, s.backend) == ("latest", 8400, "vllm")
     assert s.backend_settings()["vllm"] == {"max_lora_rank": 32, "lora": True}
+
+
+# ------------------------------------------------------------------ deployment
+
+
+def test_compose_policy_service_follows_rollout_engine():
+    from shared.cli import build_parser
+    from shared.config import build_config, load_yaml
+    from services.trainer.config import TrainConfig
+    from tests.test_deploy import compose_config
+
+    plain = compose_config()["services"]
+    assert "policy" not in plain and "rollout.engine=local" in plain["trainer"]["command"]
+    s = compose_config({"ROLLOUT_ENGINE": "service", "COMPOSE_PROFILES": "policy"})["services"]
+    policy, trainer, teacher = s["policy"], s["trainer"], s["teacher"]
+
+    def gpus(svc):
+        return [d for dev in svc["deploy"]["resources"]["reservations"]["devices"] for d in dev["device_ids"]]
+
+    assert gpus(policy) == gpus(teacher) == ["1"]  # the teacher's GPU by default ...
+    assert gpus(compose_config({"COMPOSE_PROFILES": "policy", "POLICY_GPU": "2"})["services"]["policy"]) == ["2"]
+    cmd = policy["command"]
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.merge_method, args.port, args.backend) == ("latest", 8400, "vllm")
+    # ... with memory fractions that fit both engines on it.
+    teacher_frac = float(teacher["command"][teacher["command"].index("--vllm-gpu-memory") + 1])
+    assert args.vllm_gpu_memory + teacher_frac <= 0.9
+    assert "8400/readyz" in " ".join(policy["healthcheck"]["test"])
+    assert trainer["depends_on"]["policy"] == {"condition": "service_healthy", "required": False}
+    sets = trainer["command"][trainer["command"].index("--set") + 1:]
+    cfg = build_config(TrainConfig, load_yaml(ROOT / "configs/points24-kl.yaml"), sets)
+    assert cfg.rollout.engine == "service" and cfg.rollout.url == "http://policy:8400"
+
+
+@pytest.mark.slow
+def test_gtr_up_starts_the_policy_service_when_the_config_asks(tmp_path, tiny_model_dir):
+    """`gtr up` with rollout.engine=service starts `gtr policy serve` (a real process) beside envs and
+    teacher, and points the trainer at it; Ctrl-C stops it with the others."""
+    import argparse
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from services.launcher.cli import up_commands
+    from tests.conftest import free_port as port
+
+    ports = {"envs": port(), "teacher": port(), "policy": port()}
+    base = ["up", "--model", str(tiny_model_dir), "--device", "cpu", "--run-dir", str(tmp_path), "--env-port",
+            str(ports["envs"]), "--teacher-port", str(ports["teacher"]), "--policy-port", str(ports["policy"])]
+    from shared.cli import build_parser
+
+    local = up_commands(build_parser().parse_args(base))
+    assert "policy" not in local
+    cmds = up_commands(build_parser().parse_args(base + ["--set", "rollout.engine=service"]))
+    assert cmds["policy"][cmds["policy"].index("serve") - 1] == "policy"
+    assert f"rollout.url=http://127.0.0.1:{ports['policy']}" in cmds["trainer"]
+    assert isinstance(build_parser().parse_args(base), argparse.Namespace)
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *base, "--no-trainer", "--ready-timeout", "150",
+                             "--set", "rollout.engine=service"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 200
+        info = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                ready = all(httpx.get(f"http://127.0.0.1:{p}/readyz", timeout=2).status_code == 200
+                            for p in ports.values())
+                if ready:
+                    info = httpx.get(f"http://127.0.0.1:{ports['policy']}/v1/teacher", timeout=5).json()
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert info is not None, proc.stdout.read() if proc.poll() is not None else "services not ready"
+        assert info["merge"]["method"] == "latest"
+        assert (tmp_path / "logs" / "policy.log").exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{ports['policy']}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -24,11 +24,23 @@ def up_commands(args: argparse.Namespace) -> dict[str, list[str]]:
                             "--store", str(run_dir / "teacher-store"), "--device", args.device,
                             "--host", "127.0.0.1", "--port", str(args.teacher_port)),
     }
+    sets = [f"model.path={args.model}", f"env.url={env_url}", f"teacher.url={teacher_url}",
+            f"run_dir={run_dir / 'trainer'}", f"trainer.port={args.trainer_port}"]
+    if wants_policy(args):  # rollout.engine: service in the config (or --set): the rollout engine too
+        cmds["policy"] = gtr_argv("policy", "serve", "--backend", args.policy_backend, "--model", str(args.model),
+                                  "--store", str(run_dir / "policy-store"), "--device", args.device,
+                                  "--host", "127.0.0.1", "--port", str(args.policy_port))
+        sets.append(f"rollout.url=http://127.0.0.1:{args.policy_port}")
     if not args.no_trainer:
-        sets = [f"model.path={args.model}", f"env.url={env_url}", f"teacher.url={teacher_url}",
-                f"run_dir={run_dir / 'trainer'}", f"trainer.port={args.trainer_port}", *(args.set or [])]
-        cmds["trainer"] = gtr_argv("train", "--config", str(args.config), "--set", *sets)
+        cmds["trainer"] = gtr_argv("train", "--config", str(args.config), "--set", *sets, *(args.set or []))
     return cmds
+
+
+def wants_policy(args: argparse.Namespace) -> bool:
+    """Whether the trainer config (with its --set overrides) samples through the policy service."""
+    from services.trainer.config import load_train_config
+
+    return load_train_config(str(args.config), list(args.set or [])).rollout.engine == "service"
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -43,16 +55,20 @@ def _up(args: argparse.Namespace) -> int:
             build_tiny_model(args.model, seed=0, size="tiny")
     cmds = up_commands(args)
     urls = {"envs": f"http://127.0.0.1:{args.env_port}", "teacher": f"http://127.0.0.1:{args.teacher_port}",
-            "trainer": f"http://127.0.0.1:{args.trainer_port}"}
+            "trainer": f"http://127.0.0.1:{args.trainer_port}", "policy": f"http://127.0.0.1:{args.policy_port}"}
+    services = [n for n in ("envs", "teacher", "policy") if n in cmds]
     group = ProcessGroup(Path(args.run_dir) / "logs")
     # SIGTERM (e.g. from a supervisor) is handled like Ctrl-C: stop the children, then exit.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        for name in ("envs", "teacher"):
+        for name in services:
             group.start(name, cmds[name], url=urls[name])
-        for name in ("envs", "teacher"):
+        for name in services:
             group.wait_ready(name, timeout=args.ready_timeout)
-        print(f"envs:    {urls['envs']}\nteacher: {urls['teacher']}\nlogs:    {group.log_dir}", flush=True)
+        print(f"envs:    {urls['envs']}\nteacher: {urls['teacher']}", flush=True)
+        if "policy" in cmds:
+            print(f"policy:  {urls['policy']} (rollout engine)", flush=True)
+        print(f"logs:    {group.log_dir}", flush=True)
         if args.no_trainer:
             print("services up; Ctrl-C stops them", flush=True)
             while True:
@@ -82,8 +98,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "up", help="run envs, teacher and trainer as local processes (no Docker needed)",
-        description="Start the env service, the teacher and the trainer as local processes, one log per service "
+        "up", help="run envs, teacher (policy) and trainer as local processes (no Docker needed)",
+        description="Start the env service, the teacher and the trainer as local processes (and the policy service "
+                    "when the trainer config says rollout.engine: service), one log per service "
                     "under RUN_DIR/logs. Waits for each service to be ready, stops everything cleanly on Ctrl-C, "
                     "and exits non-zero if a service dies.",
     )
@@ -97,6 +114,10 @@ def register(sub) -> None:
     p.add_argument("--env-port", type=int, default=8100)
     p.add_argument("--teacher-port", type=int, default=8200)
     p.add_argument("--trainer-port", type=int, default=8300)
+    p.add_argument("--policy-port", type=int, default=8400,
+                   help="policy service port; it starts when the config has rollout.engine: service")
+    p.add_argument("--policy-backend", choices=["hf", "vllm"], default="hf",
+                   help="policy service backend (default hf; vllm needs vLLM installed)")
     p.add_argument("--no-trainer", action="store_true", help="start only envs and teacher; stay up until Ctrl-C")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each service (default 600)")
     p.set_defaults(func=_up)
