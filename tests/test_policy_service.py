@@ -177,7 +177,7 @@ def test_latest_serves_the_newest_upload_exactly_and_restores_it(tiny_model_dir,
     peft_model = PeftModel.from_pretrained(model, str(adapters[1])).eval()
     batch = encode(processor, [encode_prompt(processor, messages)], [completion])
     with torch.no_grad():
-        ref = completion_logprobs(peft_model, batch)[0][0]
+        ref = completion_logprobs(peft_model.base_model.model, batch)[0][0]  # the LoRA layers, unmerged
     assert torch.allclose(torch.tensor(served["items"][0]["logprobs"]), ref, atol=1e-5)
     with TestClient(create_app(settings, backend=HFBackend(tiny_model_dir, device="cpu", dtype="float32"),
                                background_merges=False)) as c:
