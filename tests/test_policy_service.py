@@ -42,7 +42,7 @@ def env_url():
 
 
 def _serve(model_dir, store, merge_method="latest"):
-    settings = TeacherSettings(model=str(model_dir), store=str(store), merge_method=merge_method, device="cpu",
+    settings = TeacherSettings(model=str(model_dir), store=str(store), merge={"method": merge_method}, device="cpu",
                                dtype="float32")
     port = free_port()
     server = ServerThread(create_app(settings), "127.0.0.1", port).start()
@@ -93,7 +93,7 @@ def test_greedy_rollouts_through_the_hf_policy_service_equal_local(tiny_model_di
             versions.append(service.sync(update - 1)["rollout/policy_version"])
             info = service.client.info()
             assert info.merge.method == "latest" and info.served_checkpoints == [service.checkpoint_id]
-            assert info.last_merge.stats["sync"] == "dense"
+            assert info.last_merge.stats.sync == "dense"
             local = collect(policy, pool, cfg, update, sampler=LocalSampler(policy, greedy=True))
             remote = collect(policy, pool, cfg, update, sampler=service)
             assert any(s.image is not None for s in remote.flat())
@@ -152,7 +152,7 @@ def test_latest_serves_the_newest_upload_exactly_and_restores_it(tiny_model_dir,
         p = Policy(tiny_model_dir, cfg.model, seed=seed)
         _randomise_lora(p, seed)
         adapters.append(p.save_adapter(tmp_path / f"a{seed}"))
-    settings = TeacherSettings(model=str(tiny_model_dir), store=str(tmp_path / "store"), merge_method="latest",
+    settings = TeacherSettings(model=str(tiny_model_dir), store=str(tmp_path / "store"), merge={"method": "latest"},
                                device="cpu", dtype="float32")
     messages = [{"role": "user", "content": [{"type": "text", "text": "Go to 7. Where now?"}]}]
     completion = [50, 60, 70, 80]
@@ -216,14 +216,18 @@ def test_truncated_importance_weights():
 
 
 def test_policy_cli_is_the_teacher_serve_in_the_latest_role():
-    from services.teacher.cli import _settings
+    from services.teacher.cli import settings_from_args
     from shared.cli import build_parser
 
     args = build_parser().parse_args(["policy", "serve", "--model", "m", "--store", "s", "--backend", "vllm",
                                       "--vllm-max-lora-rank", "32"])
-    s = _settings(args, TeacherSettings)
-    assert (s.merge_method, s.port, s.backend) == ("latest", 8400, "vllm")
-    assert s.backend_settings()["vllm"] == {"max_lora_rank": 32, "lora": True}
+    s = settings_from_args(args)
+    assert (s.merge.method, s.port, s.backend) == ("latest", 8400, "vllm")
+    vllm = s.backend_settings()["vllm"]
+    assert (vllm.lora, vllm.max_lora_rank) == (True, 32)
+    teacher = settings_from_args(build_parser().parse_args(["teacher", "serve", "--model", "m", "--store", "s",
+                                                            "--backend", "vllm"]))
+    assert (teacher.merge.method, teacher.port, teacher.backend_settings()["vllm"].lora) == ("ties", 8200, False)
 
 
 # ------------------------------------------------------------------ deployment
@@ -246,11 +250,13 @@ def test_compose_policy_service_follows_rollout_engine():
     assert gpus(policy) == gpus(teacher) == ["1"]  # the teacher's GPU by default ...
     assert gpus(compose_config({"COMPOSE_PROFILES": "policy", "POLICY_GPU": "2"})["services"]["policy"]) == ["2"]
     cmd = policy["command"]
-    args = build_parser().parse_args(cmd[1:])
-    assert (args.merge_method, args.port, args.backend) == ("latest", 8400, "vllm")
+    from services.teacher.cli import settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(cmd[1:]))
+    assert (settings.merge.method, settings.port, settings.backend) == ("latest", 8400, "vllm")
     # ... with memory fractions that fit both engines on it.
     teacher_frac = float(teacher["command"][teacher["command"].index("--vllm-gpu-memory") + 1])
-    assert args.vllm_gpu_memory + teacher_frac <= 0.9
+    assert settings.vllm.gpu_memory_utilization + teacher_frac <= 0.9
     assert "8400/readyz" in " ".join(policy["healthcheck"]["test"])
     assert trainer["depends_on"]["policy"] == {"condition": "service_healthy", "required": False}
     sets = trainer["command"][trainer["command"].index("--set") + 1:]

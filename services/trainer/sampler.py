@@ -132,12 +132,12 @@ class ServiceSampler:
                     f"{'; last error: ' + error if error else ''}); raise rollout.sync_timeout_s or check its log")
             time.sleep(0.05)
         self.version, self.checkpoint_id = info.version, up.checkpoint_id
-        stats = info.last_merge.stats if info.last_merge else {}
+        stats = info.last_merge.stats if info.last_merge else None
         m = {"rollout/policy_version": info.version, "rollout/sync_s": time.perf_counter() - t0}
-        if "apply_seconds" in stats:
-            m["rollout/sync_apply_s"] = float(stats["apply_seconds"])
+        if stats is not None and stats.apply_seconds is not None:
+            m["rollout/sync_apply_s"] = float(stats.apply_seconds)
         log.info("policy service serves version %d (%s, sync: %s)", info.version, up.checkpoint_id,
-                 stats.get("sync", "?"))
+                 stats.sync if stats is not None else "?")
         return m
 
     def sample(self, messages, prompts, temperature, max_new_tokens, seeds) -> Samples:

@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 from services.teacher.app import create_app  # noqa: E402
 from services.teacher.backends.vllm import VLLMBackend  # noqa: E402
-from services.teacher.backends.vllm_testing import build_tiny_vl  # noqa: E402
 from services.teacher.settings import TeacherSettings  # noqa: E402
 from services.trainer.app import ServerThread  # noqa: E402
 from services.trainer.config import load_train_config  # noqa: E402
@@ -32,6 +31,7 @@ from services.trainer.train import train  # noqa: E402
 from shared.client import ServiceClient  # noqa: E402
 from shared.policy_client import PolicyClient  # noqa: E402
 from tests.trainer_services import free_port, running_services  # noqa: E402
+from vllm_testing import build_tiny_vl  # noqa: E402  (tests/vllm_backend/)
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-3  # nats, the issue's bar for sampled tokens (fp32 on CPU)
@@ -74,7 +74,7 @@ def policy_url(vl_dir, engine, tmp_path):
     """A fresh policy app (empty store) on the shared engine, reset to W0 first."""
     engine.apply_delta(None, 0)
     settings = TeacherSettings(backend="vllm", model=str(vl_dir), store=str(tmp_path / "policy-store"),
-                               merge_method="latest", dtype="float32")
+                               merge={"method": "latest"}, dtype="float32")
     port = free_port()
     server = ServerThread(create_app(settings, backend=Lent(engine)), "127.0.0.1", port).start()
     url = f"http://127.0.0.1:{port}"
@@ -120,8 +120,8 @@ def test_greedy_rollouts_equal_the_trainers_local_ones(vl_dir, env_url, policy_u
             m = service.sync(update - 1)
             info = service.client.info()
             assert info.served_checkpoints == [service.checkpoint_id]
-            assert info.last_merge.stats["sync"] == "lora+dense"  # vision LoRA: the dense fallback
-            assert info.last_merge.stats["dense_modules"] > 0 and info.last_merge.stats["lora_modules"] > 0
+            assert info.last_merge.stats.sync == "lora+dense"  # vision LoRA: the dense fallback
+            assert info.last_merge.stats.dense_modules > 0 and info.last_merge.stats.lora_modules > 0
             local = collect(policy, pool, cfg, update, sampler=LocalSampler(policy, greedy=True))
             remote = collect(policy, pool, cfg, update, sampler=service)
             assert any(s.image is not None for s in remote.flat())
