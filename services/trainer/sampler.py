@@ -98,6 +98,7 @@ class ServiceSampler:
         self.client = client or PolicyClient(settings.url, timeout=settings.timeout_s, retries=settings.retries)
         self.version: int | None = None
         """The adapter version the service serves for us; None until the first `sync`."""
+        self._suppressed = set(getattr(policy, "suppress_ids", None) or [])
         self.checkpoint_id: str | None = None
         self._check(fingerprint)
 
@@ -158,6 +159,10 @@ class ServiceSampler:
                 if len(res.logprobs) != len(res.token_ids):
                     raise ServiceError("policy", "POST", "/v1/generate", None,
                                        f"{len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
+                vision = sorted(set(res.token_ids) & self._suppressed)
+                if vision:  # the trainer scores these at -1e9 and the next forward would misread them
+                    raise ServiceError("policy", "POST", "/v1/generate", None,
+                                       f"the engine sampled vision special tokens {vision}: it must suppress them")
                 tokens.append(list(res.token_ids))
                 logprobs.append([float(x) for x in res.logprobs])
         return Samples(tokens, logprobs, self.version)

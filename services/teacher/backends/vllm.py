@@ -23,7 +23,6 @@ Same contract as the `hf` backend (see `base.py`):
   so. The old adapter is dropped under the engine lock, so nothing in flight still uses it.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -306,7 +305,6 @@ class VLLMBackend(TeacherBackend):
             self._llm.llm_engine.remove_lora(self._lora.lora_int_id)
             shutil.rmtree(self._lora.lora_path, ignore_errors=True)
             self._lora = None
-
 
     # -- requests ---------------------------------------------------------------------------
 
