@@ -14,7 +14,12 @@ The sides alternate in short rounds so that load from other processes hits them 
 CPU seconds are reported beside wall time (service: client + server process + its worker
 processes), as steps per CPU-second, which a busy machine disturbs less than throughput.
 
-A second figure, under "alfworld": 8 ALFWorld sessions (bundled games, expert actions) batched
+Under "png_encoders": the plain PNG encoder the service uses against the hand-written chunk
+splicing it used before (benchmarks/png_splice.py), on the same Points24 frames, per step and per
+32-step batch, beside what a rollout step of the CPU demo costs (from bench-results/trainer.json
+when the trainer benchmark has run; issue 16.4 decided on these figures).
+
+A further figure, under "alfworld": 8 ALFWorld sessions (bundled games, expert actions) batched
 through the service with its worker processes vs `--procs 0`, alternating likewise.
 """
 
@@ -66,7 +71,7 @@ class InProcess:
                 r = e.step(next(self.actions))
                 r.observation.image  # what an in-process consumer uses: the drawn frame (drawn on access)
                 if self.encode:  # the encoder the service uses (without its per-frame cache)
-                    (r.observation.png or (lambda: to_png_b64(r.observation.image)))()
+                    to_png_b64(r.observation.image)
                 self.steps += 1
                 if r.terminated or r.truncated:
                     e.reset()[0].image
@@ -158,7 +163,68 @@ def run(out_dir: Path) -> dict:
         service0.close()
     s, l, lp, s0 = service.figures(), local.figures(), local_png.figures(), service0.figures()
     ratio = s["steps_per_s"] / l["steps_per_s"]
-    return {**_points24(s, l, lp, s0, ratio), "alfworld": _alfworld()}
+    return {**_points24(s, l, lp, s0, ratio), "png_encoders": png_encoders(out_dir), "alfworld": _alfworld()}
+
+
+DEMO_SESSIONS, DEMO_STEPS = 8, 10
+"""tiny-cpu's rollout (the CPU demo): 8 sessions x 10 steps per update."""
+
+
+def _demo_rollout_ms_per_step(out_dir: Path) -> float | None:
+    """The CPU demo's rollout milliseconds per env step, from the trainer benchmark's figures
+    (bench-results/trainer.json, guidance none) when a run left them; else None."""
+    try:
+        figures = json.loads((out_dir / "trainer.json").read_text())
+        return 1e3 * figures["seconds_per_update"]["none"]["rollout"] / DEMO_STEPS
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def png_encoders(out_dir: Path, seconds: float = 3.0) -> dict:
+    """Plain encoder (`render.to_png_b64`, what `wire` does on a cache miss) vs the splicing
+    reference, alternating on one seeded stream of Points24 frames (32 envs, random actions)."""
+    from benchmarks.png_splice import split_png_b64
+    from services.envs.cardgames import Points24Env
+    from services.envs.render import bare_table, to_png_b64
+    from shared.codecs import b64_to_image
+
+    envs = [Points24Env() for _ in range(N_SESSIONS)]
+    for i, e in enumerate(envs):
+        e.reset(seed=i)
+    actions = _actions(1)
+    first = envs[0].step(next(actions)).observation  # the reference still makes the same pixels
+    e0 = envs[0]
+    spliced = split_png_b64((tuple(e0.cards), e0.target), bare_table(tuple(e0.cards), e0.target), tuple(e0.formula),
+                            first._draw)
+    if b64_to_image(spliced).tobytes() != b64_to_image(to_png_b64(first.image)).tobytes():
+        raise AssertionError("benchmarks/png_splice.py no longer gives the rendered pixels")
+    timing = {"plain": [0.0, 0], "splice": [0.0, 0]}
+    t_end = time.perf_counter() + seconds * 2
+    while time.perf_counter() < t_end:
+        for e in envs:
+            r = e.step(next(actions))
+            draw, table, formula = r.observation._draw, (tuple(e.cards), e.target), tuple(e.formula)
+            for name in ("plain", "splice") if timing["plain"][1] % 2 else ("splice", "plain"):
+                t0 = time.perf_counter()  # each draws the frame itself: the splice only on a strip miss
+                if name == "plain":
+                    to_png_b64(draw())
+                else:
+                    split_png_b64(table, bare_table(*table), formula, draw)
+                timing[name][0] += time.perf_counter() - t0
+                timing[name][1] += 1
+            if r.terminated or r.truncated:
+                e.reset()
+    ms = {k: 1e3 * t / max(n, 1) for k, (t, n) in timing.items()}
+    saved_batch_ms = (ms["plain"] - ms["splice"]) * N_SESSIONS
+    saved_demo_ms = (ms["plain"] - ms["splice"]) * DEMO_SESSIONS
+    demo = _demo_rollout_ms_per_step(out_dir)
+    return {"benchmark": "PNG per Points24 frame: plain encoder vs chunk splicing (same frames, alternating)",
+            "frames": timing["plain"][1], "plain_ms_per_frame": round(ms["plain"], 4),
+            "splice_ms_per_frame": round(ms["splice"], 4), "splice_over_plain": round(ms["splice"] / ms["plain"], 3),
+            "splice_saves_ms_per_32_step_batch": round(saved_batch_ms, 2),
+            "splice_saves_ms_per_demo_step": round(saved_demo_ms, 2),
+            "demo_rollout_ms_per_step": demo and round(demo, 1),
+            "splice_saves_share_of_demo_rollout_step": demo and round(saved_demo_ms / demo, 4)}
 
 
 def _alfworld() -> dict:

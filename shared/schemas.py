@@ -63,7 +63,14 @@ def _shallow(value: Any) -> Any:
 EnvOptions = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
-class Observation(Response):
+class EnvReply(BaseModel):
+    """Base of the env service's responses: every field it sends is declared (extras are not kept),
+    so /docs and the typed client see all of it; a test checks the service sends no other key."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Observation(EnvReply):
     image: str | None = None
     """Base64 PNG, or null for text-only envs."""
     text: str = ""
@@ -73,7 +80,7 @@ class Observation(Response):
     admissible_actions: list[str] | None = None
 
 
-class ObservationSpec(Response):
+class ObservationSpec(EnvReply):
     """What every observation of an env holds, so a client can declare a true space for it."""
 
     image_shape: list[int] | None = None
@@ -82,7 +89,7 @@ class ObservationSpec(Response):
     """Observations list the admissible actions (ALFWorld); otherwise that field is null."""
 
 
-class EnvSpec(Response):
+class EnvSpec(EnvReply):
     env_id: str
     description: str = ""
     options: dict[str, Any] = Field(default_factory=dict)
@@ -91,9 +98,13 @@ class EnvSpec(Response):
     """The action vocabulary (null where it depends on the state, as in ALFWorld)."""
     max_steps: int | None = None
     observation: ObservationSpec = ObservationSpec()
+    available: bool = True
+    """The env can run on this server (its extra is installed, its data is there)."""
+    unavailable_reason: str | None = None
+    """Why not, and what to install, when `available` is false."""
 
 
-class EnvList(Response):
+class EnvList(EnvReply):
     envs: list[EnvSpec]
 
 
@@ -103,7 +114,7 @@ class CreateSessionRequest(Request):
     options: EnvOptions = Field(default_factory=dict)
 
 
-class SessionResponse(Response):
+class SessionResponse(EnvReply):
     session_id: str
     observation: Observation
     info: dict[str, Any] = Field(default_factory=dict)
@@ -114,7 +125,7 @@ class ResetRequest(Request):
     options: EnvOptions | None = None
 
 
-class ResetResponse(Response):
+class ResetResponse(EnvReply):
     observation: Observation
     info: dict[str, Any] = Field(default_factory=dict)
 
@@ -123,7 +134,7 @@ class StepRequest(Request):
     action: str
 
 
-class StepResponse(Response):
+class StepResponse(EnvReply):
     observation: Observation
     reward: float
     terminated: bool
@@ -143,12 +154,13 @@ class BatchStepRequest(Request):
     new episode's first observation comes back in the result's `reset`."""
 
 
-class BatchStepResult(Response):
+class BatchStepResult(EnvReply):
     """One per step of a batch, in order. A failed session gives `error` and no observation;
     the other steps of the batch still run."""
 
     session_id: str
     observation: Observation | None = None
+    """Null when the step failed (see `error`)."""
     reward: float = 0.0
     terminated: bool = False
     truncated: bool = False

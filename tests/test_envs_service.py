@@ -70,6 +70,16 @@ class StallingEnv(ExplodingEnv):
         return super()._act(parsed)
 
 
+class SleepyEnv(ExplodingEnv):
+    """A cheap env (stepped in the worker's main thread) whose every step takes 5 ms."""
+
+    env_id = "sleepy"
+
+    def _act(self, parsed):
+        time.sleep(0.005)
+        return super()._act(parsed)
+
+
 class PrefetchProbeEnv(ExplodingEnv):
     """Leaves a file behind when the service asks it to prepare its next reset."""
 
@@ -83,7 +93,7 @@ class PrefetchProbeEnv(ExplodingEnv):
 class Server:
     def __init__(self, port: int, **settings):
         envs = {**ENVS, "exploding": ExplodingEnv, "slow": SlowEnv, "crashing": CrashingEnv, "stalling": StallingEnv,
-                "prefetch-probe": PrefetchProbeEnv}
+                "prefetch-probe": PrefetchProbeEnv, "sleepy": SleepyEnv}
         self.app = create_app(EnvServiceSettings(port=port, **settings), envs=envs)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -128,8 +138,8 @@ def test_health_ready_metrics_and_env_list(server, client):
     assert {"points24", "ezpoints", "numberline", "alfworld", "alfworld-thor"} <= set(envs)
     assert envs["points24"].actions[-1] == "=" and envs["points24"].options["target"] == 24
     assert envs["numberline"].actions == ["-", "+"]
-    assert envs["alfworld-thor"].model_extra["available"] is False
-    assert "ai2thor" in envs["alfworld-thor"].model_extra["unavailable_reason"]
+    assert envs["alfworld-thor"].available is False and envs["points24"].available is True
+    assert "ai2thor" in envs["alfworld-thor"].unavailable_reason
     client.create("points24", seed=0)
     text = httpx.get(server.url + "/metrics").text
     assert "env_sessions_open 1.0" in text and 'env_sessions_created_total{env_id="points24"} 1.0' in text
@@ -338,7 +348,7 @@ def test_batched_auto_reset_restarts_finished_episodes(client):
 
 def test_batch_spreads_over_worker_processes_in_order(server, client):
     sids = [client.create("points24", seed=i).session_id for i in range(6)]
-    manager = server.app.state.sessions
+    manager = server.app.state.router
     assert len({id(manager._where[sid]) for sid in sids}) == max(1, manager.procs)  # spread evenly
     out = client.step_batch([(sid, act(a)) for sid, a in zip(sids, ["(", "(", "=", "(", "zzz", "("])])
     assert [o.session_id for o in out] == sids and all(o.error is None for o in out)
@@ -351,9 +361,9 @@ def test_batch_spreads_over_worker_processes_in_order(server, client):
 @pytest.mark.parametrize("procs", [2])
 def test_a_dead_worker_fails_its_sessions_only(port, procs):
     with Server(port, max_sessions=16, ttl_s=600, procs=procs) as s, EnvClient(s.url, retries=0) as c:
-        manager = s.app.state.sessions
+        manager = s.app.state.router
         victim = c.create("crashing").session_id
-        doomed_pid = manager._where[victim].process.pid
+        doomed_pid = manager._where[victim].pid
         others = [c.create("points24", seed=i).session_id for i in range(3)]
         same = [o for o in others if manager._where[o] is manager._where[victim]]
         apart = [o for o in others if manager._where[o] is not manager._where[victim]]
@@ -370,7 +380,7 @@ def test_a_dead_worker_fails_its_sessions_only(port, procs):
         assert httpx.get(s.url + "/readyz").status_code == 200
         fresh = [c.create("points24", seed=9).session_id for _ in range(2)]  # a new worker takes new sessions
         assert all(c.step(f, act("(")).info["formula"] == "(" for f in fresh)
-        assert doomed_pid not in {p.process.pid for p in manager.shards}
+        assert doomed_pid not in {p.pid for p in manager.shards}
         for sid in [victim, *same]:
             c.delete(sid)  # failed sessions can still be deleted
         metrics = httpx.get(s.url + "/metrics").text
@@ -380,19 +390,19 @@ def test_a_dead_worker_fails_its_sessions_only(port, procs):
 
 def test_idle_workers_prepare_next_resets():
     from services.envs.registry import Registry
-    from services.envs.sessions import SessionManager
+    from services.envs.sessions import SessionTable
 
-    m = SessionManager(Registry(), workers=1)
+    m = SessionTable(Registry(), threads=1)
     try:
-        a, _, _ = m.create("points24", 1, {})
-        b, _, _ = m.create("numberline", 1, {})
+        m.create("a", "points24", 1, {})
+        m.create("b", "numberline", 1, {})
         assert m.prefetch_one() and m.prefetch_one() and not m.prefetch_one()  # each created session once
-        m.step(a, act("("), auto_reset=True)
+        m.step("a", act("("), auto_reset=True)
         assert not m.prefetch_one()  # a step that did not reset leaves nothing to prepare
-        out = m.step(a, act("="), auto_reset=True)
-        assert "reset" in out and m.prefetch_one() and not m.prefetch_one()
-        m.reset(b, None, None)
-        with m.get(b).lock:  # a session busy with a step is skipped (dropped), never waited for
+        out = m.step("a", act("="), auto_reset=True)
+        assert out.reset is not None and m.prefetch_one() and not m.prefetch_one()
+        m.reset("b", None, None)
+        with m.get("b").lock:  # a session busy with a step is skipped (dropped), never waited for
             assert not m.prefetch_one()
         assert not m.prefetch_one()
     finally:
@@ -405,7 +415,7 @@ def test_requests_piling_up_at_a_stalled_worker_never_block_the_service(port):
     from concurrent.futures import ThreadPoolExecutor
 
     with Server(port, max_sessions=16, ttl_s=600, procs=2) as s, EnvClient(s.url, retries=0) as c:
-        where = s.app.state.sessions._where
+        where = s.app.state.router._where
         sids = [c.create("stalling").session_id for _ in range(4)]
         stuck = [x for x in sids if where[x] is where[sids[0]]]
         free = [x for x in sids if where[x] is not where[sids[0]]]

@@ -29,22 +29,20 @@ class EnvUnavailable(RuntimeError):
 
 
 class Obs:
-    """What an env shows after a reset or step. The image may be given drawn, or as `draw` (called
-    on first access of `.image`): the service sends a cached PNG where it has one for `image_key`,
-    and then never needs the pixels."""
+    """What an env shows after a reset or step: plain data, no encoder (the service's `wire`
+    module encodes). The image may be given drawn, or as `draw` (called on first access of
+    `.image`), so that the service draws only frames whose PNG it has not cached by `image_key`."""
 
-    __slots__ = ("text", "instruction", "admissible_actions", "image_key", "png", "_image", "_draw")
+    __slots__ = ("text", "instruction", "admissible_actions", "image_key", "_image", "_draw")
 
     def __init__(self, text: str, instruction: str, image: Image.Image | None = None,
                  admissible_actions: list[str] | None = None, image_key: Hashable | None = None,
-                 png: Callable[[], str] | None = None, draw: Callable[[], Image.Image] | None = None):
+                 draw: Callable[[], Image.Image] | None = None):
         self.text = text
         self.instruction = instruction
         self.admissible_actions = admissible_actions
         self.image_key = image_key
         """Identifies the image's content (same key, same pixels), so its PNG can be reused."""
-        self.png = png
-        """A faster encoder of the image to base64 PNG, where the env has one."""
         self._image = image
         self._draw = draw
 

@@ -15,7 +15,6 @@ with the defects of DESIGN §5.8 fixed. The differences, all listed in the READM
 from __future__ import annotations
 
 import copy
-import functools
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -196,13 +195,10 @@ class CardFormulaEnv(TextActionEnv):
         if self.options.get("text_state"):
             text = f"Cards: {', '.join(card_name(r, s) for r, s in self.cards)}. " + text
         table, formula = (tuple(self.cards), self.target), tuple(self.formula)
-        # Drawn at most once, for whichever asks first: `.image` or the PNG encoder. (Not a
-        # closure over the Obs: that cycle would keep every drawn frame alive until the GC ran.)
-        draw = functools.cache(lambda: render.draw_formula(render.card_table(*table), list(formula)))
-        # The strip under the cards shows only the formula: its PNG bytes are shared across hands,
-        # and the frame is drawn only when they are not cached yet.
-        return Obs(text=text, instruction=self.instruction(), image_key=(*table, formula), draw=draw,
-                   png=lambda: render.split_png_b64(table, render.bare_table(*table), formula, draw))
+        # Drawn only if asked for (the service's PNG cache may already hold this frame). Not a
+        # closure over the Obs: that cycle would keep every drawn frame alive until the GC ran.
+        return Obs(text=text, instruction=self.instruction(), image_key=(*table, formula),
+                   draw=lambda: render.draw_formula(render.card_table(*table), list(formula)))
 
     def instruction(self) -> str:
         raise NotImplementedError

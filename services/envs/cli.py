@@ -1,19 +1,59 @@
-"""`gtr env serve`: run the env service."""
+"""`gtr env serve`: run the env service. Its flags come from `EnvServiceSettings`' fields."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import AliasChoices, ValidationError
+
+from services.envs.settings import EnvServiceSettings
+
+
+def _flag(name: str, field) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get("flag") or "--" + name.replace("_", "-")
+
+
+def _env_vars(name: str, field) -> list[str]:
+    if isinstance(field.validation_alias, AliasChoices):
+        return [a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper()]
+    return [EnvServiceSettings.model_config["env_prefix"] + name.upper()]
+
+
+def _scalar(annotation: Any) -> type:
+    """int, float or str from `int`, `float | None`, ... (the only kinds of knob here)."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    kinds = [a for a in args if a is not type(None)] or [annotation]
+    return kinds[0] if kinds[0] in (int, float) else str
+
+
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags stay None, so the environment and defaults apply."""
+    for name, field in EnvServiceSettings.model_fields.items():
+        default = "min(4, CPUs)" if field.default_factory else field.default
+        env = " / ".join(_env_vars(name, field))
+        p.add_argument(_flag(name, field), dest=name, type=_scalar(field.annotation), default=None,
+                       help=f"{field.description or ''} (env {env}; default {default})")
+
+
+def settings_from_args(args: argparse.Namespace) -> EnvServiceSettings:
+    given = {name: getattr(args, name) for name in EnvServiceSettings.model_fields if getattr(args, name, None) is not None}
+    return EnvServiceSettings(**given)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from services.envs.app import create_app
-    from services.envs.settings import EnvServiceSettings
     from shared.server import serve
 
-    given = {k: v for k, v in {"host": args.host, "port": args.port, "max_sessions": args.max_sessions,
-                               "ttl_s": args.ttl, "procs": args.procs, "workers": args.workers, "alfworld_data": args.alfworld_data}.items()
-             if v is not None}
-    settings = EnvServiceSettings(**given)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        print(f"gtr env serve: bad setting: {e}", file=sys.stderr)
+        return 2
     serve(create_app(settings), settings.host, settings.port, log_level=args.uvicorn_log_level)
     return 0
 
@@ -23,17 +63,7 @@ def register(subparsers) -> None:
     sub = env.add_subparsers(dest="env_command", metavar="SUBCOMMAND")
     p = sub.add_parser("serve", help="serve the envs over HTTP",
                        description="Serve Points24, EZPoints, NumberLine and ALFWorld over HTTP (DESIGN §3.1).")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8100, help="port (default 8100)")
-    p.add_argument("--max-sessions", type=int, default=None, help="open sessions at most (env GTR_ENV_MAX_SESSIONS, default 256)")
-    p.add_argument("--ttl", type=float, default=None, help="idle seconds before a session expires (env GTR_ENV_TTL_S, default 1800)")
-    p.add_argument("--procs", type=int, default=None,
-                   help="env worker processes: sessions are spread over them so that a batched step uses that many "
-                        "cores; 0 runs the envs in the service process (env GTR_ENV_PROCS, default min(4, CPUs))")
-    p.add_argument("--workers", type=int, default=None,
-                   help="threads per env worker process, so that a slow step never blocks other sessions "
-                        "(env GTR_ENV_WORKERS, default 4)")
-    p.add_argument("--alfworld-data", default=None, help="alfworld-download tree (env ALFWORLD_DATA; default: bundled games)")
+    add_settings_flags(p)
     p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=_serve)
     env.set_defaults(func=lambda args: (env.print_help(), 2)[1])
