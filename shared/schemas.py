@@ -45,7 +45,9 @@ class Health(Response):
 MAX_OPTIONS_DEPTH = 16
 """Env options nest at most this deep (a legal option is a flat value or a short list; a deeper
 structure could not even be pickled to an env worker process)."""
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="A non-negative seed (at most 2^64 - 1).")]
+Seed = Annotated[int, Field(ge=0, le=2**53, description="A non-negative seed, at most 2^53.")]
+"""At most 2^53: exact as a JSON number in every client (a larger bound reads as a float, and a
+float-based checker then counts seeds just above it as valid)."""
 
 
 def _shallow(value: Any) -> Any:
@@ -63,14 +65,7 @@ def _shallow(value: Any) -> Any:
 EnvOptions = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
-class EnvReply(BaseModel):
-    """Base of the env service's responses: every field it sends is declared (extras are not kept),
-    so /docs and the typed client see all of it; a test checks the service sends no other key."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class Observation(EnvReply):
+class Observation(DeclaredResponse):
     image: str | None = None
     """Base64 PNG, or null for text-only envs."""
     text: str = ""
@@ -80,7 +75,7 @@ class Observation(EnvReply):
     admissible_actions: list[str] | None = None
 
 
-class ObservationSpec(EnvReply):
+class ObservationSpec(DeclaredResponse):
     """What every observation of an env holds, so a client can declare a true space for it."""
 
     image_shape: list[int] | None = None
@@ -89,7 +84,7 @@ class ObservationSpec(EnvReply):
     """Observations list the admissible actions (ALFWorld); otherwise that field is null."""
 
 
-class EnvSpec(EnvReply):
+class EnvSpec(DeclaredResponse):
     env_id: str
     description: str = ""
     options: dict[str, Any] = Field(default_factory=dict)
@@ -104,7 +99,7 @@ class EnvSpec(EnvReply):
     """Why not, and what to install, when `available` is false."""
 
 
-class EnvList(EnvReply):
+class EnvList(DeclaredResponse):
     envs: list[EnvSpec]
 
 
@@ -114,7 +109,7 @@ class CreateSessionRequest(Request):
     options: EnvOptions = Field(default_factory=dict)
 
 
-class SessionResponse(EnvReply):
+class SessionResponse(DeclaredResponse):
     session_id: str
     observation: Observation
     info: dict[str, Any] = Field(default_factory=dict)
@@ -125,7 +120,7 @@ class ResetRequest(Request):
     options: EnvOptions | None = None
 
 
-class ResetResponse(EnvReply):
+class ResetResponse(DeclaredResponse):
     observation: Observation
     info: dict[str, Any] = Field(default_factory=dict)
 
@@ -134,7 +129,7 @@ class StepRequest(Request):
     action: str
 
 
-class StepResponse(EnvReply):
+class StepResponse(DeclaredResponse):
     observation: Observation
     reward: float
     terminated: bool
@@ -154,7 +149,7 @@ class BatchStepRequest(Request):
     new episode's first observation comes back in the result's `reset`."""
 
 
-class BatchStepResult(EnvReply):
+class BatchStepResult(DeclaredResponse):
     """One per step of a batch, in order. A failed session gives `error` and no observation;
     the other steps of the batch still run."""
 

@@ -98,13 +98,8 @@ def _spec(name: str) -> dict:
 # Routes whose error codes their owner has not declared in the OpenAPI yet (404, 409, 429, ...,
 # and the teacher's multipart upload body). Their status codes are checked by a strict xfail
 # test of their own; whoever declares them deletes the route here in the same commit.
-ENVS = "env helper (wt/envsvc)"
 TEACHER = "teacher helper (wt/teacher)"
 PENDING = {
-    ("envs", "POST /v1/sessions"): ENVS,
-    ("envs", "POST /v1/sessions/{session_id}/reset"): ENVS,
-    ("envs", "POST /v1/sessions/{session_id}/step"): ENVS,
-    ("envs", "DELETE /v1/sessions/{session_id}"): ENVS,
     ("teacher", "POST /v1/checkpoints"): TEACHER,
     ("teacher", "POST /v1/logits"): TEACHER,
     ("teacher", "POST /v1/generate"): TEACHER,

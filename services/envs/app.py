@@ -25,26 +25,26 @@ from shared.server import (ApiError, error_responses, install_common, install_er
 
 log = logging.getLogger(__name__)
 
-ERRORS: list[tuple[type[Exception], int, str]] = [
-    (UnknownSession, 404, "unknown_session"),
-    (UnknownEnv, 404, "unknown_env"),
-    (EnvOptionError, 422, "invalid_option"),
-    (EnvUnavailable, 501, "env_unavailable"),
-    (SessionFailed, 409, "session_failed"),
-    (EpisodeOver, 409, "episode_over"),
-    (TooManySessions, 429, "too_many_sessions"),
-    (BatchTooLarge, 413, "batch_too_large"),
-]
-"""The one mapping from the core's typed errors to HTTP (stable codes that clients and tests use)."""
+ERRORS: dict[type[Exception], tuple[int, str]] = {
+    UnknownSession: (404, "unknown_session"),
+    UnknownEnv: (404, "unknown_env"),
+    EnvOptionError: (422, "invalid_option"),
+    EnvUnavailable: (501, "env_unavailable"),
+    SessionFailed: (409, "session_failed"),
+    EpisodeOver: (409, "episode_over"),
+    TooManySessions: (429, "too_many_sessions"),
+    BatchTooLarge: (413, "batch_too_large"),
+}
+"""The one mapping from the core's typed errors to HTTP (stable codes that clients and tests use),
+installed as the app's handlers (shared/server.py) and used for the steps of a batch."""
 
 
 def api_error(exc: Exception) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    for cls, status, code in ERRORS:
-        if isinstance(exc, cls):
-            # (KeyError's str() quotes its message)
-            return ApiError(status, code, exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    """A batch step's error as the route's handlers would answer it."""
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            status, code = ERRORS[cls]
+            return ApiError(status, code, str(exc))
     log.error("unexpected error type %s: %s", type(exc).__name__, exc)
     return ApiError(500, "internal", f"internal error: {type(exc).__name__}")
 
@@ -125,21 +125,13 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
 
     app = FastAPI(title="GTR-Turbo env service", version="1", lifespan=lifespan,
                   description="Points24, EZPoints, NumberLine and ALFWorld over HTTP (DESIGN §3.1).")
-    install_error_handlers(app)
+    install_error_handlers(app, ERRORS)
     install_common(app)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
 
     Auth = [Depends(require_token)]
-
-    async def call(coro):
-        try:
-            return await coro
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped to its 4xx; unknown types are logged as 500
-            raise api_error(e) from e
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
@@ -170,7 +162,7 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
         """Create a session and reset its env. Example: `{"env_id": "points24", "seed": 3, "options": {"solvable_only": true}}`.
         404: unknown env id; 429: the server holds its maximum of sessions; 501: the env cannot run
         here (the message says what to install); 409: the env failed while starting."""
-        out = await call(router.create(body.env_id, body.seed, body.options))
+        out = await router.create(body.env_id, body.seed, body.options)
         metrics.sessions_created.labels(body.env_id).inc()
         metrics.sessions_open.set(len(router))
         return json_response(out)
@@ -180,14 +172,14 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
     async def reset_session(session_id: str, body: ResetRequest, router: RouterDep):
         """Start a new episode: `{"seed": 7}` reproduces an episode; without a seed the session's generator goes on.
         404: unknown session; 409: the session failed (its env raised, or its worker died or hung)."""
-        return json_response(await call(router.reset(session_id, body.seed, body.options)))
+        return json_response(await router.reset(session_id, body.seed, body.options))
 
     @app.post("/v1/sessions/{session_id}/step", response_model=StepResponse, dependencies=Auth,
               responses=error_responses(404, 409))
     async def step_session(session_id: str, body: StepRequest, router: RouterDep):
         """Step with the model's raw output: `{"action": "{\\"thoughts\\": \\"...\\", \\"action\\": \\"8\\"}"}`.
         404: unknown session; 409: the episode is over (reset it), or the session failed."""
-        return json_response(await call(router.step(session_id, body.action)))
+        return json_response(await router.step(session_id, body.action))
 
     @app.post("/v1/step", response_model=list[BatchStepResult], dependencies=Auth, responses=error_responses(413))
     async def step_batch(body: BatchStepRequest, router: RouterDep):
@@ -195,7 +187,7 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
         step, in order; a step that fails carries `error` and the others still run. With `"auto_reset": true` a
         session whose episode ended is reset in the same call and its new start comes back under `reset`.
         413: more steps than the server's `--max-batch-steps`."""
-        results = await call(router.step_batch([(s.session_id, s.action) for s in body.steps], body.auto_reset))
+        results = await router.step_batch([(s.session_id, s.action) for s in body.steps], body.auto_reset)
         out: list[bytes] = []
         for item, res in zip(body.steps, results, strict=True):
             if isinstance(res, Exception):
@@ -209,7 +201,7 @@ def create_app(settings: EnvServiceSettings | None = None, envs: dict[str, type[
                 responses=error_responses(404))
     async def delete_session(session_id: str, router: RouterDep):
         """Close a session (also one that failed). 404: unknown session."""
-        await call(router.delete(session_id))
+        await router.delete(session_id)
         metrics.sessions_open.set(len(router))
         return {"ok": True, "detail": f"session {session_id} deleted"}
 

@@ -19,7 +19,10 @@ ENVS: dict[str, type[TextActionEnv]] = {
 
 
 class UnknownEnv(KeyError):
-    pass
+    """No env with that id: 404."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry:

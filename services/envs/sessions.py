@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 class UnknownSession(KeyError):
     """No such session (deleted, expired, never created): 404."""
 
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
 
 class SessionFailed(RuntimeError):
     """The session's env raised, or its worker process died or hung: 409 until it is deleted."""
