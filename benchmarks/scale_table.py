@@ -58,7 +58,8 @@ def components(c: dict, prompt_tokens: int) -> dict:
     d["logprob_unchunked"] = 6 * PRESET["micro_batch"] * PRESET["max_new_tokens"] * V * 4 / GB  # before the fix
     d["rollout_kv"] = PRESET["num_envs"] * S * kv_per_token / GB
     d["teacher_w0"] = 2 * c["touched"] / GB  # bf16 W0 copies of every merged parameter
-    d["teacher_apply_transient"] = 2 * c["touched"] / GB + 2 * 4 * c["largest_module"] / GB  # new tensors built aside
+    # apply_delta builds every new bf16 tensor aside before the swap, via one module's fp32 W0, tau, sum.
+    d["teacher_apply_transient"] = 2 * c["touched"] / GB + 3 * 4 * c["largest_module"] / GB
     d["teacher_score"] = (PRESET["teacher_batch"] * S * (H * 2 * 4 + I * 2 * 3)) / GB + 2 * PRESET["chunk"] * V * 4 / GB
     d["teacher_gen_kv"] = PRESET["teacher_batch"] * S * kv_per_token / GB
     d["policy_kv"] = PRESET["num_envs"] * S * kv_per_token / GB

@@ -70,8 +70,9 @@ class TeacherSettings(StrictModel):
     """How checkpoints are merged (flags --merge-method, --density, --weighting, ...)."""
     merge_device: str = "cpu"
     """Device the merge computes on (cpu, or the GPU for speed when memory allows)."""
-    max_upload_mb: float = Field(default=1024.0, gt=0)
-    """Largest accepted upload, in MiB."""
+    max_upload_mb: float = Field(default=2048.0, gt=0)
+    """Largest accepted upload, in MiB. A LoRA r128 adapter on every linear layer of
+    Qwen2.5-VL-7B (the points24 presets) is 1232 MiB in fp32, as peft saves it (docs/scale.md)."""
     max_tokens: int = Field(default=65536, ge=1)
     """Most padded tokens (batch x width) per /v1/logits or /v1/generate request."""
     openai_base_url: str | None = None
