@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP where a command turns them into it
+        return 128 + getattr(e, "signum", 2)
     except Exception as e:  # noqa: BLE001 - a CLI prints what went wrong, not a traceback
         from shared.config import ConfigError
 

@@ -44,8 +44,16 @@ def wants_policy(args: argparse.Namespace) -> bool:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from services.launcher.procs import ProcessGroup, ServiceDied
+    from services.launcher.procs import PortInUse, ProcessGroup, ServiceDied, Stopped, check_ports, stop_on_signals
 
+    ports = {"envs": args.env_port, "teacher": args.teacher_port}
+    if not args.no_trainer:
+        ports["trainer"] = args.trainer_port
+    try:
+        check_ports(ports)
+    except PortInUse as e:
+        print(f"gtr up: {e}", file=sys.stderr)
+        return 1
     if args.model is None:
         args.model = Path(args.run_dir) / "models" / "tiny"
         if not (args.model / "config.json").exists():
@@ -58,8 +66,7 @@ def _up(args: argparse.Namespace) -> int:
             "trainer": f"http://127.0.0.1:{args.trainer_port}", "policy": f"http://127.0.0.1:{args.policy_port}"}
     services = [n for n in ("envs", "teacher", "policy") if n in cmds]
     group = ProcessGroup(Path(args.run_dir) / "logs")
-    # SIGTERM (e.g. from a supervisor) is handled like Ctrl-C: stop the children, then exit.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_signals()  # SIGTERM and SIGHUP as Ctrl-C: stop the children, then exit
     try:
         for name in services:
             group.start(name, cmds[name], url=urls[name])
@@ -83,9 +90,9 @@ def _up(args: argparse.Namespace) -> int:
     except ServiceDied as e:
         print(f"gtr up: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("stopping services", file=sys.stderr)
-        return 130
+        return 128 + e.signum if isinstance(e, Stopped) else 130
     finally:
         group.stop()
 

@@ -42,7 +42,7 @@ def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from services.launcher.plot import plot_metrics
-    from services.launcher.procs import ProcessGroup, ServiceDied, gtr_argv
+    from services.launcher.procs import PortInUse, ProcessGroup, ServiceDied, check_ports, gtr_argv, stop_on_signals
     from services.trainer.config import TrainConfig
     from services.trainer.evaluate import evaluate
     from services.trainer.sft_init import SFTConfig, run_sft
@@ -51,6 +51,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from shared.tiny_model import build_tiny_model
 
     t_start = time.perf_counter()
+    try:
+        check_ports({"envs": args.env_port, "teacher": args.teacher_port})
+    except PortInUse as e:
+        print(f"gtr demo: {e}", file=__import__("sys").stderr)
+        return 1
+    stop_on_signals()  # SIGTERM and SIGHUP as Ctrl-C: the `finally` below stops the services
     settings, overrides = _demo_settings(args)
     run_dir = Path(args.run_dir)
     if run_dir.exists():

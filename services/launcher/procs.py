@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,63 @@ log = logging.getLogger(__name__)
 
 class ServiceDied(RuntimeError):
     pass
+
+
+class PortInUse(RuntimeError):
+    pass
+
+
+class Stopped(KeyboardInterrupt):
+    """A terminating signal, handled like Ctrl-C: `finally` blocks run and stop the children."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (docker stop, `timeout`, a supervisor) and SIGHUP (a closed terminal) raise `Stopped`
+    in the main thread, like SIGINT does: the children run in their own sessions (so that Ctrl-C
+    reaches us once), and nothing else would stop them if we were killed by the default action."""
+    def raise_stopped(signum, _frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_stopped)
+
+
+def port_holder(port: int) -> str | None:
+    """Which process listens on `port` ("pid 123: python -m ..."), as far as this user may see."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except psutil.Error:
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            if c.pid is None:
+                return "a process of another user"
+            try:
+                return f"pid {c.pid}: {' '.join(psutil.Process(c.pid).cmdline())}"
+            except psutil.Error:
+                return f"pid {c.pid}"
+    return None
+
+
+def check_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """Raise PortInUse naming the process that holds any of `ports` (e.g. services left over by a
+    run that was killed), before anything is started."""
+    busy = []
+    for name, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"port {port} ({name}) is in use by {port_holder(port) or 'an unknown process'}")
+    if busy:
+        raise PortInUse("; ".join(busy) + ". Stop it, or choose other ports (--env-port, --teacher-port, ...)")
 
 
 @dataclass

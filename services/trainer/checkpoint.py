@@ -5,12 +5,18 @@ Layout of `<run_dir>/checkpoint/`:
   value_head.safetensors
   trainer_state.pt        optimizer + scheduler state, RNG states, counters (torch.load weights_only)
   sft_buffer.pt           the SFT replay buffer (sft guidance only)
-Written to a temporary directory and renamed into place, so a crash never leaves half a checkpoint.
+  checkpoint.json         the manifest, written last: the update and the files
+Written to `checkpoint.tmp`, fsynced, given its manifest, then renamed into place (the previous one
+moved to `checkpoint.old` first). A kill at any moment leaves at least one directory with a
+manifest; `find_checkpoint` picks the newest and finishes the interrupted renames, so a resume
+never retrains from update 1 because it was killed between the two renames.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -50,14 +56,69 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MANIFEST = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory exists but holds no complete checkpoint: resuming would start over."""
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoint"
 
 
+def _siblings(run_dir: str | Path) -> tuple[Path, Path, Path]:
+    final = checkpoint_dir(run_dir)
+    return final, final.with_name("checkpoint.tmp"), final.with_name("checkpoint.old")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest_update(d: Path) -> int | None:
+    """The update a complete checkpoint directory holds; None when it is incomplete. A directory
+    named `checkpoint` from before manifests existed was only ever renamed there whole: -1."""
+    try:
+        return int(json.loads((d / MANIFEST).read_text())["update"])
+    except FileNotFoundError:
+        return -1 if d.name == "checkpoint" and (d / "trainer_state.pt").is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's checkpoint directory, after finishing a save that was killed between its renames;
+    None when the run has none. Raises CheckpointError when checkpoint directories exist but none
+    is complete (a resume must not silently start over)."""
+    final, tmp, old = _siblings(run_dir)
+    present = [d for d in (final, tmp, old) if d.is_dir()]
+    if not present:
+        return None
+    complete = {d: u for d in present if (u := _manifest_update(d)) is not None}
+    if not complete:
+        raise CheckpointError(f"{', '.join(map(str, present))} hold no complete checkpoint (no {MANIFEST}); "
+                              "refusing to start over: move them away to train from scratch")
+    best = max(complete, key=lambda d: (complete[d], d == final))
+    if best != final:
+        log.warning("finishing an interrupted checkpoint save: %s (update %d) becomes %s", best, complete[best], final)
+        if final.is_dir():
+            shutil.rmtree(old if best != old else final, ignore_errors=True)
+            if best != old:
+                final.rename(old)
+        best.rename(final)
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, counters: Counters,
                     sft_buffer=None) -> Path:
-    final = checkpoint_dir(run_dir)
-    tmp = final.with_name("checkpoint.tmp")
+    final, tmp, old = _siblings(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_adapter(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
@@ -66,7 +127,13 @@ def save_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, counters:
                 "counters": asdict(counters)}, tmp / "trainer_state.pt")
     if sft_buffer is not None:
         torch.save(sft_buffer.state(), tmp / "sft_buffer.pt")
-    old = final.with_name("checkpoint.old")
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    # The manifest last: a directory without one is a save that did not finish.
+    (tmp / MANIFEST).write_text(json.dumps({"update": counters.update, "files": files}))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -77,9 +144,9 @@ def save_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, counters:
 
 
 def load_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, sft_buffer=None) -> Counters:
-    d = checkpoint_dir(run_dir)
-    if not (d / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"nothing to resume: no checkpoint in {d}")
+    d = find_checkpoint(run_dir)
+    if d is None:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {checkpoint_dir(run_dir)}")
     policy.load_adapter_state(load_file(str(d / "adapter_model.safetensors"), device=str(policy.device)))
     policy.value_head.load_state_dict(load_file(str(d / "value_head.safetensors"), device=str(policy.device)))
     state = torch.load(d / "trainer_state.pt", weights_only=True, map_location="cpu")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from services.trainer.checkpoint import Counters, checkpoint_dir, load_checkpoint, save_checkpoint
+from services.trainer.checkpoint import Counters, checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import TrainConfig
 from services.trainer.envpool import EnvPool
 from services.trainer.guidance import Guidance, ReplayBuffer, TeacherLink, make_guidance, push_adapter
@@ -52,7 +52,8 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None) -> dict[str, Any]:
         sft_buffer = guidance.new_buffer()
         counters = Counters()
         writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
-        if cfg.resume and (checkpoint_dir(run_dir) / "trainer_state.pt").exists():
+        # find_checkpoint raises rather than start over when checkpoint directories exist but none is complete
+        if cfg.resume and find_checkpoint(run_dir) is not None:
             counters = load_checkpoint(run_dir, policy, optimizer, scheduler, sft_buffer)
             writer.truncate_after(counters.update)
         elif cfg.resume:
