@@ -9,6 +9,7 @@ trainer waits for it.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -107,6 +108,10 @@ def make_guidance(cfg: TrainConfig) -> Guidance:
     return GUIDANCE[cfg.guidance.mode](cfg)
 
 
+MAX_UNSENT = 32
+"""Adapters kept for re-sending while the teacher is down (fewer when its merge window is smaller)."""
+
+
 class TeacherLink:
     """The trainer's side of the teacher service, with the unavailable-teacher policy."""
 
@@ -117,9 +122,16 @@ class TeacherLink:
         self.client = client or TeacherClient(t.url, timeout=t.timeout_s, retries=t.retries)
         self.merge_above: int | None = None
         """Set by a push that scheduled a merge: the teacher version that push's merge will exceed."""
+        self.unsent: dict[int, Path] = {}
+        """step -> a copy of the adapter whose push failed while the teacher was down; re-sent first."""
+        self.keep_unsent = MAX_UNSENT
+        """How many unsent adapters the teacher's merge window wants (learned from /v1/teacher)."""
+        self._unsent_root: Path | None = None
 
     def close(self) -> None:
         self.client.close()
+        if self._unsent_root is not None:
+            shutil.rmtree(self._unsent_root, ignore_errors=True)
 
     def _call(self, what: str, fn: Callable[[], R]) -> R | None:
         """fn(), or None when the teacher is unreachable / not ready after the retries (skip
@@ -165,7 +177,11 @@ class TeacherLink:
         return self._call("/v1/generate", run)
 
     def info(self) -> TeacherInfo | None:
-        return self._call("/v1/teacher", self.client.info)
+        info = self._call("/v1/teacher", self.client.info)
+        if info is not None:  # only the newest upload counts for `latest` / `none`; the last `window` otherwise
+            m = info.merge
+            self.keep_unsent = 1 if m.method in ("latest", "none") else min(MAX_UNSENT, m.window or MAX_UNSENT)
+        return info
 
     def traffic(self, route: str) -> list[int]:
         """[calls, request bytes, reply bytes] sent to `route` so far (the client counts them)."""
@@ -179,7 +195,37 @@ class TeacherLink:
         return {f"{prefix}_requests": n, f"{prefix}_request_kb": sent / n / 1024, f"{prefix}_reply_kb": recv / n / 1024}
 
     def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
-        return self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
+        """Upload the adapter of `step`. Adapters whose push failed while the teacher was down go
+        first, oldest first; one that cannot be sent now is kept (a copy on disk) for the next push.
+        Re-sending one that did arrive is harmless: the teacher dedups the same weights and step."""
+        r = None
+        if self._resend_unsent():
+            r = self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
+        if r is None:
+            self._keep_unsent(adapter_dir, step)
+        return r
+
+    def _resend_unsent(self) -> bool:
+        """Push the kept adapters in step order; False at the first that still fails."""
+        for step in sorted(self.unsent):
+            d = self.unsent[step]
+            if self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(d, step)) is None:
+                return False
+            log.info("re-sent the adapter of update %d, pushed while the teacher was down", step)
+            shutil.rmtree(self.unsent.pop(step), ignore_errors=True)
+        return True
+
+    def _keep_unsent(self, adapter_dir: Path, step: int) -> None:
+        if self._unsent_root is None:
+            self._unsent_root = Path(tempfile.mkdtemp(prefix="gtr-unsent-"))
+        dest = self._unsent_root / f"step-{step}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(adapter_dir, dest)
+        self.unsent[step] = dest
+        for old in sorted(self.unsent)[:-self.keep_unsent]:  # older than the teacher's merge window
+            shutil.rmtree(self.unsent.pop(old), ignore_errors=True)
+        log.warning("adapter of update %d not pushed (teacher down): kept, with %d in all, to re-send when the "
+                    "teacher is back", step, len(self.unsent))
 
     def await_pushed_merge(self) -> None:
         """Before asking the teacher: wait (teacher.await_merge_s) for the merge the last push
@@ -211,8 +257,8 @@ def push_adapter(link: TeacherLink, policy, step: int, cfg: TrainConfig, known_v
         policy.save_adapter(tmp)
         r = link.push(Path(tmp), step)
     if r is None:
-        return {"teacher/push_failed": 1}
-    m: dict[str, Any] = {"teacher/push_failed": 0, "teacher/merge_scheduled": int(r.merge_scheduled)}
+        return {"teacher/push_failed": 1, "teacher/unsent": len(link.unsent)}
+    m: dict[str, Any] = {"teacher/push_failed": 0, "teacher/unsent": 0, "teacher/merge_scheduled": int(r.merge_scheduled)}
     if r.merge_scheduled and known_version is not None:
         link.merge_above = known_version  # the next update waits for this merge (await_pushed_merge)
     if cfg.teacher.wait_for_merge_s > 0 and r.merge_scheduled:
