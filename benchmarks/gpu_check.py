@@ -148,7 +148,6 @@ def teacher_items(n: int, completion_len: int, tokenizer):
     """n /v1/logits items: real Points24 observations (image + prompt), completions of about
     `completion_len` tokens (lengths differ, so scoring pads)."""
     from services.envs.registry import Registry
-    from services.envs.sessions import observation_dict
     from shared.prompting import observation_messages
     from shared.schemas import LogitsItem
 
@@ -157,7 +156,7 @@ def teacher_items(n: int, completion_len: int, tokenizer):
     items = []
     for i in range(n):
         obs, _ = Registry().make("points24").reset(seed=100 + i)
-        msgs = observation_messages(observation_dict(obs))
+        msgs = observation_messages(obs_dict(obs))
         ids = (filler * (completion_len // len(filler) + 1))[: completion_len - 7 * i]
         items.append(LogitsItem(messages=msgs, completion_ids=ids))
     return items
@@ -332,6 +331,14 @@ def trainer_bench(model_dir: Path, work: Path, device, smoke: bool, modes: list[
 
 
 # ---------------------------------------------------------------------------------------- main
+
+
+def obs_dict(obs) -> dict:
+    """An env's observation as the service sends it (image as base64 PNG), from its public fields."""
+    from shared.codecs import image_to_b64
+
+    return {"image": None if obs.image is None else image_to_b64(obs.image), "text": obs.text,
+            "instruction": obs.instruction, "admissible_actions": obs.admissible_actions}
 
 
 def main(argv: list[str] | None = None) -> int:

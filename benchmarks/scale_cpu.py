@@ -119,7 +119,6 @@ def score_memory(model_dir: Path, micro_batch: int = 4, completion_len: int = 25
     import torch
 
     from services.envs.registry import Registry
-    from services.envs.sessions import observation_dict
     from services.trainer.config import ModelSettings
     from services.trainer.policy import Policy
     from shared.chat import encode_prompt
@@ -131,7 +130,7 @@ def score_memory(model_dir: Path, micro_batch: int = 4, completion_len: int = 25
     prompts = []
     for i in range(micro_batch):
         obs, _ = Registry().make("points24").reset(seed=i)
-        prompts.append(encode_prompt(policy.processor, observation_messages(observation_dict(obs))))
+        prompts.append(encode_prompt(policy.processor, observation_messages(obs_dict(obs))))
     g = torch.Generator().manual_seed(0)
     comps = [torch.randint(0, 151643, (completion_len,), generator=g).tolist() for _ in range(micro_batch)]
     out = {"micro_batch": micro_batch, "completion_tokens": completion_len, "vocab": policy.model.config.text_config.vocab_size}
@@ -155,6 +154,14 @@ def score_memory(model_dir: Path, micro_batch: int = 4, completion_len: int = 25
     one = micro_batch * completion_len * out["vocab"] * 4 / 2**20
     out["one_fp32_B_K_V_mb"] = round(one, 1)
     return out
+
+
+def obs_dict(obs) -> dict:
+    """An env's observation as the service sends it (image as base64 PNG), from its public fields."""
+    from shared.codecs import image_to_b64
+
+    return {"image": None if obs.image is None else image_to_b64(obs.image), "text": obs.text,
+            "instruction": obs.instruction, "admissible_actions": obs.admissible_actions}
 
 
 def main(argv: list[str] | None = None) -> int:
