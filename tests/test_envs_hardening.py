@@ -163,3 +163,16 @@ def test_a_big_batch_does_not_starve_other_sessions_of_its_worker(port):
             assert c.step(other, act("y")).info["action"] == "y"
             assert not batch.done()  # answered while the batch was still running
             assert len(batch.result()) == 600
+
+
+def test_a_session_is_never_expired_while_a_call_runs(port):
+    """The TTL counts from a session's last call, and never expires one with a call in flight
+    (here a 2 s step against a 0.5 s TTL, the reaper sweeping every 0.2 s)."""
+    with Server(port, procs=0, ttl_s=0.5) as s, EnvClient(s.url, retries=0, timeout=30) as c:
+        sid = c.create("slow").session_id
+        assert c.step(sid, act("x")).info["action"] == "x"
+        assert c.step(sid, act("y")).info["action"] == "y"  # still there right after the long call
+        time.sleep(1.2)
+        with pytest.raises(ServiceError) as e:  # idle past the TTL: gone
+            c.step(sid, act("z"))
+        assert e.value.status == 404
