@@ -11,7 +11,8 @@ after every stage, so a timeout still leaves what was measured):
    version 0 and after a TIES merge of 2 random r128 checkpoints; the merged weights against
    W0 + tau; peak GPU memory while scoring and merging;
 3. merge: seconds to merge K = 2, 4, 8, 16 random LoRA r128 checkpoints on all linear layers of
-   the language model (TIES, density 0.5), on the merge device;
+   the language model (TIES, density 0.5), computed on the GPU, the merged delta returned to the
+   host as the teacher service does (`--merge-device cuda`);
 4. trainer: seconds per update and per phase with guidance none and kl on points24 at the
    preset's settings (configs/points24-kl.yaml) with fewer steps per update, env service and
    teacher as their own processes (teacher on the same GPU); the trainer's peak GPU memory per
@@ -141,7 +142,8 @@ def random_adapters(base_shapes: dict, k: int, r: int, device, seed: int, target
     return out
 
 
-LM_LINEAR = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+LM_LINEAR = (r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\."
+             r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 
 
 def teacher_items(n: int, completion_len: int, tokenizer):
@@ -162,7 +164,7 @@ def teacher_items(n: int, completion_len: int, tokenizer):
     return items
 
 
-def plain_logprobs(model, processor, item) -> "torch.Tensor":
+def plain_logprobs(model, processor, item):
     """log softmax of a plain single-item forward (no padding, no chunking), fp32."""
     import torch
 
@@ -209,20 +211,21 @@ def teacher_check(model_dir: Path, model, device, smoke: bool, res: dict) -> Non
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    merged = merge_adapters(adapters, merge_weights(2), "ties", 0.5, 1.0, device=device, out_device=device)
+    merged = merge_adapters(adapters, merge_weights(2), "ties", 0.5, 1.0, device=device, out_device="cpu")
     backend.apply_delta(merged.delta, version=1)
     res["merge_apply"] = {"seconds": round(time.perf_counter() - t0, 2), "modules": len(merged.delta),
                           **gpu_mb(torch, device)}
     # The served weights are exactly W0 + tau (up to the model dtype's rounding).
     name = sorted(merged.delta)[0]
     w = dict(backend.model.named_parameters())[name].detach().float()
-    expect = (backend._w0[name].float() + merged.delta[name].float()).to(backend._w0[name].dtype).float()
+    w0 = backend._w0[name]
+    expect = (w0.float() + merged.delta[name].to(w0.device).float()).to(w0.dtype).float().to(w.device)
     res["merge_apply"]["weight_max_abs_err"] = float((w - expect).abs().max())
     res["merge_apply"]["delta_rms"] = float(merged.delta[name].float().pow(2).mean().sqrt())
     del adapters, merged
     compare("after_ties_merge")
     backend.close()
-    del backend, model
+    backend = model = None  # free the weights before the next stage
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -240,7 +243,7 @@ def merge_bench(model_dir: Path, device, ks: list[int], rank: int, budget: Budge
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Qwen2_5_VLForConditionalGeneration(cfg).named_parameters()}
     per_k = res.setdefault("by_k", {})
-    last = None
+    last, prev_k = None, 1
     for k in ks:
         if last is not None and not budget.allows(last * k / prev_k * 1.5 + 10, f"merge K={k}", res):
             break
@@ -249,7 +252,7 @@ def merge_bench(model_dir: Path, device, ks: list[int], rank: int, budget: Budge
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        result = merge_adapters(adapters, merge_weights(k), "ties", 0.5, 1.0, device=device, out_device=device)
+        result = merge_adapters(adapters, merge_weights(k), "ties", 0.5, 1.0, device=device, out_device="cpu")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         last, prev_k = time.perf_counter() - t0, k
@@ -345,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="7B,3B", help="in order (default 7B,3B: teacher and merge at 7B first)")
     ap.add_argument("--cpu-smoke", action="store_true", help="shrunken configs on CPU: the code path, not figures")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="start no stage that would end after this (default 300)")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="start no stage that would end after this (default 300)")
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "gpu.json"))
     ap.add_argument("--work", default=None, help="model directories and runs (default: a temp dir)")
     ap.add_argument("--ks", default="2,4,8,16")

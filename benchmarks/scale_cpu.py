@@ -65,7 +65,8 @@ def run_trainer(group, name: str, argv: list[str]) -> dict:
                 raise RuntimeError(f"{other} died while {name} ran; see {group.procs[other].log_path}")
         time.sleep(0.5)
     p.popen.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": p.popen.returncode, "seconds": round(time.time() - t0, 1), "rss_peak_mb": round(ru.ru_maxrss / 1024, 1)}
+    return {"rc": p.popen.returncode, "seconds": round(time.time() - t0, 1),
+            "rss_peak_mb": round(ru.ru_maxrss / 1024, 1)}
 
 
 def logits_probe(teacher_url: str, env_url: str, model_dir: Path, n_items: int = 8, completion_len: int = 256) -> dict:
@@ -133,7 +134,8 @@ def score_memory(model_dir: Path, micro_batch: int = 4, completion_len: int = 25
         prompts.append(encode_prompt(policy.processor, observation_messages(obs_dict(obs))))
     g = torch.Generator().manual_seed(0)
     comps = [torch.randint(0, 151643, (completion_len,), generator=g).tolist() for _ in range(micro_batch)]
-    out = {"micro_batch": micro_batch, "completion_tokens": completion_len, "vocab": policy.model.config.text_config.vocab_size}
+    out = {"micro_batch": micro_batch, "completion_tokens": completion_len,
+           "vocab": policy.model.config.text_config.vocab_size}
     mem = PeakMemory()
     policy.train(True)
     for chunk in chunks:

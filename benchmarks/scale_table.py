@@ -77,16 +77,21 @@ def totals(d: dict, k_ckpts: int) -> dict:
     o = CUDA_OVERHEAD_GB
     trainer = d["weights"] + d["lora_train"] + d["head_fp32"] + d["ppo_activations"] + d["logprob_chunk"] + o
     trainer_old = trainer - d["logprob_chunk"] + d["logprob_unchunked"]
-    teacher_hf = d["weights"] + d["teacher_w0"] + d["teacher_apply_transient"] + max(d["teacher_score"], d["teacher_gen_kv"]) + o
+    serve = max(d["teacher_score"], d["teacher_gen_kv"])
+    teacher_hf = d["weights"] + d["teacher_w0"] + d["teacher_apply_transient"] + serve + o
     teacher_hf_w0cpu = d["weights"] + max(d["teacher_score"], d["teacher_gen_kv"]) + o
     # vLLM: weights + its profiled activations (~1-2 GB at default batched tokens) + the KV the batch needs.
     teacher_vllm = d["weights"] + 2.0 + d["teacher_gen_kv"] + o
     policy_vllm = d["weights"] + d["lora_bf16"] + 2.0 + d["policy_kv"] + o
-    policy_hf = d["weights"] + d["lora_bf16"] + d["policy_kv"] + 2 * PRESET["chunk"] * 0 + o
-    host_merge = (k_ckpts * (d["merge_host_per_ckpt"] + d["merge_host_dense_per_ckpt"]) + d["merge_host_fixed"])
+    policy_hf = d["weights"] + d["lora_bf16"] + d["policy_kv"] + o
+    def host_merge_at(k: int) -> float:
+        return k * (d["merge_host_per_ckpt"] + d["merge_host_dense_per_ckpt"]) + d["merge_host_fixed"]
+
+    host_merge = host_merge_at(k_ckpts)
     return {"trainer": trainer, "trainer_before_chunking": trainer_old, "teacher_hf": teacher_hf,
             "teacher_hf_w0_on_cpu": teacher_hf_w0cpu, "teacher_vllm": teacher_vllm, "policy_vllm": policy_vllm,
-            "policy_hf": policy_hf, "teacher_host_merge_ram": host_merge}
+            "policy_hf": policy_hf, "teacher_host_merge_ram": host_merge,
+            "teacher_host_merge_ram_window8": host_merge_at(8)}
 
 
 def fits(gb: float) -> str:

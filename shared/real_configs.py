@@ -36,7 +36,8 @@ def qwen25_vl_config(name: str, vision_overrides: dict | None = None, **text_ove
                                                                   "mrope_section": mrope},
                 bos_token_id=IDS["bos"], eos_token_id=IDS["eos"], pad_token_id=IDS["pad"], use_cache=True,
                 rms_norm_eps=1e-6, hidden_act="silu")
-    vision = {**spec["vision"], **(vision_overrides or {}), "out_hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+    vision = {**spec["vision"], **(vision_overrides or {}), "out_hidden_size": text["hidden_size"], "patch_size": 14,
+              "spatial_merge_size": 2,
               "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
               "hidden_act": "silu", "in_channels": 3}
     depth = vision["depth"]

@@ -16,7 +16,8 @@ import torch
 from shared.real_configs import lora_param_count, qwen25_vl_config, touched_param_count
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TARGETS = (r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\."
+           r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
 
 
 @pytest.mark.parametrize("size,params", [("3B", 3_754_622_976), ("7B", 8_292_166_656)])

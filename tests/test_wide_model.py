@@ -51,7 +51,8 @@ def test_wide_config_and_image_processor_settings(tok, tmp_path):
     ip = Qwen2VLImageProcessorPil(min_pixels=SIZES["wide"]["min_pixels"], max_pixels=SIZES["wide"]["max_pixels"])
     proc = _processor_class()(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
     img = Image.new("RGB", (300, 300), (0, 120, 0))  # a Points24 observation's size
-    msgs = [{"role": "user", "content": [{"type": "image", "image": image_to_b64(img)}, {"type": "text", "text": "hi"}]}]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image_to_b64(img)},
+                                         {"type": "text", "text": "hi"}]}]
     enc = encode_prompt(proc, msgs)
     # 300 -> 308 (a multiple of 28), 22 x 22 patches of 14, merged 2 x 2: 121 image tokens.
     assert enc["image_grid_thw"].tolist() == [[1, 22, 22]]

@@ -20,7 +20,7 @@ from torch import nn
 from services.trainer.config import LoraSettings, ModelSettings
 from services.trainer.stored_prompt import load_prompt
 from shared.chat import EncodedBatch, encode
-from shared.logprobs import MASKED, completion_token_stats  # noqa: F401 - MASKED re-exported
+from shared.logprobs import completion_token_stats
 from shared.models import load_model, load_processor, resolve_device, vision_token_ids
 
 log = logging.getLogger(__name__)
