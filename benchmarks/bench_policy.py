@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UPDATES = 3  # per run; the first update of each run is a warm-up and is not counted
-ROUNDS = 2  # local, service, then service, local
-SETS = ["env.num_envs=8", "env.num_steps=4", "generation.max_new_tokens=48", "generation.temperature=1.0",
+ROUNDS = 1  # local, then service (a second round reverses the order); ~2 min per update on a loaded 2-core box
+SETS = ["env.num_envs=8", "env.num_steps=2", "generation.max_new_tokens=48", "generation.temperature=1.0",
         "guidance.mode=none", "ppo.epochs=1", "ppo.minibatch_size=32", "ppo.micro_batch_size=16", "model.lora.r=16",
         "model.lora.alpha=32", "trainer.port=0", "logging.progress=false", "logging.tensorboard=false",
         "logging.samples_per_update=0", f"updates={UPDATES}"]
@@ -99,7 +99,7 @@ def _measure() -> dict:
     local, service = med("local", "time/rollout_s"), med("service", "time/rollout_s")
     tokens = {e: med(e, "rollout/tokens_mean") for e in rows}
     return {
-        "what": f"median rollout seconds per PPO update (num_envs 8 x num_steps 4, max_new_tokens 48, T 1.0, the "
+        "what": f"median rollout seconds per PPO update (num_envs 8 x num_steps 2, max_new_tokens 48, T 1.0, the "
                 f"random-weight `small` model, fp32), {ROUNDS} rounds x {UPDATES - 1} counted updates per engine, "
                 "same config and seeds, real env service; the service engine's time includes the adapter sync",
         "rollout_seconds_per_update": {"local": local, "service": service},
