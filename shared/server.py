@@ -312,8 +312,10 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
+    # Under torchrun every rank logs to the same terminal: say which one.
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
     # One line per HTTP request drowns what happened; our clients log retries and failures.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -3,13 +3,16 @@
 Layout of `<run_dir>/checkpoint/`:
   adapter_model.safetensors, adapter_config.json   peft's files (also what the teacher takes)
   value_head.safetensors
-  trainer_state.pt        optimizer + scheduler state, RNG states, counters (torch.load weights_only)
-  sft_buffer.pt           the SFT replay buffer (sft guidance only)
+  trainer_state.pt        optimizer + scheduler state, RNG states (every rank's), world size, counters
+                          (torch.load weights_only)
+  sft_buffer.pt           the SFT replay buffer (sft guidance only); rank r > 0's in sft_buffer.rank{r}.pt
   checkpoint.json         the manifest, written last: the update and the files
 Written to `checkpoint.tmp`, fsynced, given its manifest, then renamed into place (the previous one
 moved to `checkpoint.old` first). A kill at any moment leaves at least one directory with a
 manifest; `find_checkpoint` picks the newest and finishes the interrupted renames, so a resume
 never retrains from update 1 because it was killed between the two renames.
+Under data parallelism rank 0 writes it (weights and optimizer are the same on every rank); each
+rank reads it back on resume (run_dir on a filesystem every node sees).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from services.trainer.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +122,24 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, counters: Counters,
-                    sft_buffer=None) -> Path:
+                    sft_buffer=None, dist: Dist | None = None) -> Path:
+    """Collective under data parallelism: every rank calls it; rank 0 writes."""
+    dist = dist or Dist()
+    rngs = dist.all_gather_object(rng_state(), "checkpoint RNG states")
+    buffers = dist.all_gather_object(sft_buffer.state() if sft_buffer is not None else None, "checkpoint SFT buffers")
     final, tmp, old = _siblings(run_dir)
+    if not dist.is_main:
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_adapter(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
               str(tmp / "value_head.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "counters": asdict(counters)}, tmp / "trainer_state.pt")
-    if sft_buffer is not None:
-        torch.save(sft_buffer.state(), tmp / "sft_buffer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs[0],
+                "rng_ranks": rngs, "world_size": dist.world_size, "counters": asdict(counters)},
+               tmp / "trainer_state.pt")
+    for r, buf in enumerate(buffers):
+        if buf is not None:
+            torch.save(buf, tmp / ("sft_buffer.pt" if r == 0 else f"sft_buffer.rank{r}.pt"))
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
@@ -143,18 +156,32 @@ def save_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, counters:
     return final
 
 
-def load_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, sft_buffer=None) -> Counters:
-    d = find_checkpoint(run_dir)
-    if d is None:
+class ResumeError(ValueError):
+    """The checkpoint cannot continue this run (another world size)."""
+
+
+def load_checkpoint(run_dir: str | Path, policy, optimizer, scheduler, sft_buffer=None,
+                    dist: Dist | None = None) -> Counters:
+    dist = dist or Dist()
+    d = find_checkpoint(run_dir) if dist.is_main else checkpoint_dir(run_dir)
+    if d is None or not (d / "trainer_state.pt").exists():
         raise FileNotFoundError(f"nothing to resume: no checkpoint in {checkpoint_dir(run_dir)}")
+    state = torch.load(d / "trainer_state.pt", weights_only=True, map_location="cpu")
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != dist.world_size:
+        # Each rank drives its share of the envs and holds its own RNG and replay buffer: another
+        # world size would not continue the same run.
+        raise ResumeError(f"{d} was written by {saved_world} rank(s) but this run has {dist.world_size}: resume "
+                          f"with the same number of processes (torchrun --nproc-per-node / gtr train --nproc "
+                          f"{saved_world}), or start a new run_dir")
     policy.load_adapter_state(load_file(str(d / "adapter_model.safetensors"), device=str(policy.device)))
     policy.value_head.load_state_dict(load_file(str(d / "value_head.safetensors"), device=str(policy.device)))
-    state = torch.load(d / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    if sft_buffer is not None and (d / "sft_buffer.pt").exists():
-        sft_buffer.load_state(torch.load(d / "sft_buffer.pt", weights_only=True))
+    set_rng_state(state["rng_ranks"][dist.rank] if "rng_ranks" in state else state["rng"])
+    buf = d / ("sft_buffer.pt" if dist.rank == 0 else f"sft_buffer.rank{dist.rank}.pt")
+    if sft_buffer is not None and buf.exists():
+        sft_buffer.load_state(torch.load(buf, weights_only=True))
     counters = Counters(**state["counters"])
     log.info("resumed from %s after update %d (%d env steps)", d, counters.update, counters.env_steps)
     return counters

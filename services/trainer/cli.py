@@ -5,13 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """`gtr train --nproc N ...` as the torchrun command it stands for (one node, standalone
+    rendezvous on a free port); the training flags are passed on unchanged."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "services.trainer", "--log-level", args.log_level, "train"]
+    if args.config:
+        argv += ["--config", args.config]
+    for item in args.set or []:
+        argv += ["--set", item]
+    if args.resume:
+        argv.append("--resume")
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    return argv
+
+
 def _train(args: argparse.Namespace) -> int:
+    from services.trainer.distributed import launched_by_torchrun
+
+    if args.nproc is not None and not launched_by_torchrun():
+        if args.nproc < 1:
+            raise ValueError("--nproc must be at least 1")
+        argv = torchrun_argv(args)
+        log.info("exec: %s", " ".join(argv))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)  # torchrun takes over this process: signals reach it directly
     from services.trainer.config import load_train_config
     from services.trainer.status import StatusBoard
     from services.trainer.train import train
@@ -31,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
         board.stop_requested.set()
 
     server = None
-    if cfg.trainer.port:  # the status service (DESIGN §3.3) reads the board the loop writes
+    # The status service (DESIGN §3.3) reads the board the loop writes; under torchrun rank 0 serves it.
+    if cfg.trainer.port and int(os.environ.get("RANK", "0")) == 0:
         from services.trainer.app import ServerThread, create_app
 
         server = ServerThread(create_app(board), cfg.trainer.host, cfg.trainer.port).start()
@@ -44,7 +73,8 @@ def _train(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if server is not None:
             server.stop()
-    print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": _short(summary["last"])}, indent=2))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": _short(summary["last"])}, indent=2))
     return 0
 
 
@@ -101,6 +131,10 @@ def register(sub) -> None:
                    help="override a config key, e.g. --set model.path=runs/sft --set guidance.mode=kl (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint")
     p.add_argument("--port", type=int, help="trainer status service port (0: none; default trainer.port)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data parallel on this node: exec `torchrun --standalone --nproc-per-node N -m services.trainer` "
+                        "with these flags (NCCL on GPUs, one per rank; gloo on CPU). Several nodes: run torchrun "
+                        "yourself (docs/distributed.md)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sft", help="SFT-init from the env experts, folded into a new base model",

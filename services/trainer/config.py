@@ -43,6 +43,9 @@ class ModelSettings(StrictModel):
     logprob_chunk: int = Field(default=256, ge=1)
     """Completion positions per chunk when scoring: the fp32 head, log-softmax and entropy run on
     at most this many positions at once (a [chunk, vocab] fp32 tensor: 156 MB at 256 x 152k)."""
+    fsdp: bool = False
+    """Under torchrun: shard the frozen base over the ranks with FSDP2's fully_shard (bases that do
+    not fit one GPU). Off: every rank holds the whole base (plain data parallel)."""
 
 
 class EnvSettings(StrictModel):
@@ -65,8 +68,21 @@ class EnvSettings(StrictModel):
         return v
 
 
+def split_urls(v: Any) -> Any:
+    """A URL, a comma-separated string of URLs, or a YAML list -> list of URLs."""
+    if isinstance(v, str):
+        v = [u.strip() for u in v.split(",")]
+    if isinstance(v, (list, tuple)):
+        v = [str(u).strip() for u in v if str(u).strip()]
+        if not v:
+            raise ValueError("needs at least one URL")
+    return v
+
+
 class TeacherSettings(StrictModel):
-    url: str = "http://127.0.0.1:8200"
+    url: str | list[str] = "http://127.0.0.1:8200"
+    """One teacher, or replicas: a comma-separated string or a YAML list. Requests spread over
+    the replicas; every checkpoint is pushed to each of them."""
     push: Literal["auto", "always", "never"] = "auto"
     """Upload the adapter after each update. auto: when guidance is kl or sft."""
     on_unavailable: Literal["skip", "wait"] = "skip"
@@ -84,6 +100,16 @@ class TeacherSettings(StrictModel):
     its last push scheduled (the merge runs in the background during the rollout). The guidance
     then never depends on which finished first, so a seeded run is reproducible. 0: use whatever
     version the teacher serves when asked."""
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _urls(cls, v):
+        v = split_urls(v)
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
 
 
 class GuidanceSettings(StrictModel):
@@ -164,6 +190,12 @@ class ServiceSettings(StrictModel):
     """0 or null: no HTTP service."""
 
 
+class DistributedSettings(StrictModel):
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Longest wait in a collective (torch.distributed's process-group timeout): a rank that died
+    or hung stops the others after this long with a message naming the collective."""
+
+
 class LoggingSettings(StrictModel):
     tensorboard: bool = True
     samples_per_update: int = Field(default=2, ge=0)
@@ -181,6 +213,7 @@ class TrainConfig(StrictModel):
     ppo: PPOSettings = PPOSettings()
     trainer: ServiceSettings = ServiceSettings()
     logging: LoggingSettings = LoggingSettings()
+    distributed: DistributedSettings = DistributedSettings()
     updates: int = Field(default=10, ge=1)
     """Total PPO updates of the run (the cosine LR spans all of them)."""
     run_dir: str = "runs/train"

@@ -26,7 +26,7 @@ from services.trainer.spans import split_spans
 from services.trainer.stored_prompt import StoredPrompt
 from shared.client import RETRY_STATUS, ServiceError
 from shared.schemas import CheckpointUploadResponse, GenerateItem, GenerateRequest, LogitsItem, LogitsRequest, TeacherInfo
-from shared.teacher_client import TeacherClient
+from shared.teacher_client import TeacherClient, TeacherReplicas
 
 if TYPE_CHECKING:  # rollout imports this module for the guidance strategies
     from services.trainer.rollout import RolloutStep
@@ -115,11 +115,17 @@ MAX_UNSENT = 32
 class TeacherLink:
     """The trainer's side of the teacher service, with the unavailable-teacher policy."""
 
-    def __init__(self, cfg: TrainConfig, fingerprint: str | None = None, client: TeacherClient | None = None):
+    def __init__(self, cfg: TrainConfig, fingerprint: str | None = None, client: TeacherClient | None = None,
+                 rank: int = 0):
         t = cfg.teacher
         self.settings = t
         self.fingerprint = fingerprint
-        self.client = client or TeacherClient(t.url, timeout=t.timeout_s, retries=t.retries)
+        self.replicas = TeacherReplicas(t.urls, timeout=t.timeout_s, retries=t.retries, start=rank,
+                                        clients=[client] if client is not None else None)
+        self.client = self.replicas.clients[0]
+        self.version_skew = 0
+        """Replies this update whose teacher version differs from the newest one seen (replicas or
+        a merge landing mid-update); `take_version_skew` reads and resets it."""
         self.merge_above: int | None = None
         """Set by a push that scheduled a merge: the teacher version that push's merge will exceed."""
         self.unsent: dict[int, Path] = {}
@@ -129,9 +135,22 @@ class TeacherLink:
         self._unsent_root: Path | None = None
 
     def close(self) -> None:
-        self.client.close()
+        self.replicas.close()
         if self._unsent_root is not None:
             shutil.rmtree(self._unsent_root, ignore_errors=True)
+
+    def _versions(self, what: str, versions: list[int]) -> int:
+        newest = max(versions)
+        skew = sum(v != newest for v in versions)
+        if skew:
+            log.warning("teacher version skew in %s: %d of %d replies not from version %d (versions %s)", what, skew,
+                        len(versions), newest, sorted(set(versions)))
+        self.version_skew += skew
+        return newest
+
+    def take_version_skew(self) -> int:
+        n, self.version_skew = self.version_skew, 0
+        return n
 
     def _call(self, what: str, fn: Callable[[], R]) -> R | None:
         """fn(), or None when the teacher is unreachable / not ready after the retries (skip
@@ -156,36 +175,37 @@ class TeacherLink:
 
     def logprobs(self, items: list[LogitsItem], temperature: float) -> tuple[int, list] | None:
         def run():
-            version, out = -1, []
-            for i in range(0, len(items), self.settings.batch_size):
-                req = LogitsRequest(items=items[i:i + self.settings.batch_size], temperature=temperature,
-                                    tokenizer_fingerprint=self.fingerprint)
-                r = self.client.logits(req)
-                version = max(version, r.teacher_version)
-                out.extend(r.items)
-            return version, out
+            bs = self.settings.batch_size
+            reqs = [LogitsRequest(items=items[i:i + bs], temperature=temperature, tokenizer_fingerprint=self.fingerprint)
+                    for i in range(0, len(items), bs)]
+            replies = self.replicas.logits(reqs)  # spread over the replicas
+            return self._versions("/v1/logits", [r.teacher_version for r in replies]), [x for r in replies for x in r.items]
         return self._call("/v1/logits", run)
 
     def generate(self, items: list[GenerateItem]) -> tuple[int, list] | None:
         def run():
-            version, out = -1, []
-            for i in range(0, len(items), self.settings.batch_size):
-                r = self.client.generate(GenerateRequest(items=items[i:i + self.settings.batch_size]))
-                version = max(version, r.teacher_version)
-                out.extend(r.items)
-            return version, out
+            bs = self.settings.batch_size
+            reqs = [GenerateRequest(items=items[i:i + bs]) for i in range(0, len(items), bs)]
+            replies = self.replicas.generate(reqs)
+            return self._versions("/v1/generate", [r.teacher_version for r in replies]), [x for r in replies for x in r.items]
         return self._call("/v1/generate", run)
 
     def info(self) -> TeacherInfo | None:
-        info = self._call("/v1/teacher", self.client.info)
+        """The first reachable replica's /v1/teacher."""
+        info = self._call("/v1/teacher", lambda: self.replicas.map(lambda c, _r: c.info(), [None])[0])
         if info is not None:  # only the newest upload counts for `latest` / `none`; the last `window` otherwise
             m = info.merge
             self.keep_unsent = 1 if m.method in ("latest", "none") else min(MAX_UNSENT, m.window or MAX_UNSENT)
         return info
 
+    def infos(self) -> list[TeacherInfo | ServiceError]:
+        """Every replica's /v1/teacher (or the error it gave), in `teacher.url` order."""
+        return self.replicas.each(lambda c: c.info())
+
     def traffic(self, route: str) -> list[int]:
         """[calls, request bytes, reply bytes] sent to `route` so far (the client counts them)."""
-        return list(getattr(self.client, "traffic", {}).get(route, [0, 0, 0]))
+        per = [getattr(c, "traffic", {}).get(route, [0, 0, 0]) for c in self.replicas.clients]  # all replicas
+        return [sum(x) for x in zip(*per, strict=True)]
 
     def traffic_metrics(self, route: str, before: list[int], prefix: str) -> dict[str, float]:
         """Mean request / reply body size per call since `before` (a `traffic(route)`), in KB."""
@@ -197,10 +217,13 @@ class TeacherLink:
     def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
         """Upload the adapter of `step`. Adapters whose push failed while the teacher was down go
         first, oldest first; one that cannot be sent now is kept (a copy on disk) for the next push.
-        Re-sending one that did arrive is harmless: the teacher dedups the same weights and step."""
+        Re-sending one that did arrive is harmless: the teacher dedups the same weights and step.
+        Each goes to every teacher replica; it counts as sent when at least one took it (a replica
+        that did not lags, and says so)."""
         r = None
         if self._resend_unsent():
-            r = self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(adapter_dir, step))
+            replies = self._call("POST /v1/checkpoints", lambda: self._push_all(adapter_dir, step))
+            r = replies[0] if replies else None
         if r is None:
             self._keep_unsent(adapter_dir, step)
         return r
@@ -209,7 +232,7 @@ class TeacherLink:
         """Push the kept adapters in step order; False at the first that still fails."""
         for step in sorted(self.unsent):
             d = self.unsent[step]
-            if self._call("POST /v1/checkpoints", lambda: self.client.upload_adapter(d, step)) is None:
+            if self._call("POST /v1/checkpoints", lambda: self._push_all(d, step)) is None:
                 return False
             log.info("re-sent the adapter of update %d, pushed while the teacher was down", step)
             shutil.rmtree(self.unsent.pop(step), ignore_errors=True)
@@ -227,6 +250,19 @@ class TeacherLink:
         log.warning("adapter of update %d not pushed (teacher down): kept, with %d in all, to re-send when the "
                     "teacher is back", step, len(self.unsent))
 
+    def _push_all(self, adapter_dir: Path, step: int) -> list[CheckpointUploadResponse]:
+        replies = self.replicas.each(lambda c: c.upload_adapter(adapter_dir, step))
+        ok = [r for r in replies if not isinstance(r, ServiceError)]
+        for c, r in zip(self.replicas.clients, replies, strict=True):
+            if isinstance(r, ServiceError):
+                if r.status is not None and r.status not in RETRY_STATUS:
+                    raise r
+                log.warning("teacher replica %s did not take checkpoint %d (%s): its version will lag", c.base_url,
+                            step, r)
+        if not ok:
+            raise next(r for r in replies if isinstance(r, ServiceError))
+        return ok
+
     def await_pushed_merge(self) -> None:
         """Before asking the teacher: wait (teacher.await_merge_s) for the merge the last push
         scheduled, so this update is guided by the same version in every run with this seed."""
@@ -239,12 +275,13 @@ class TeacherLink:
                         "update is guided by the older version", self.settings.await_merge_s, v)
 
     def wait_for_version(self, above: int, timeout_s: float) -> int | None:
-        """Poll /v1/teacher until its version exceeds `above` (a scheduled merge landed)."""
+        """Poll /v1/teacher until every replica's version exceeds `above` (a scheduled merge landed);
+        the lowest replica version."""
         deadline = time.monotonic() + timeout_s
         version = None
         while time.monotonic() < deadline:
-            info = self.info()
-            version = info.version if info else None
+            versions = [i.version for i in self.infos() if not isinstance(i, ServiceError)]
+            version = min(versions) if versions else None
             if version is not None and version > above:
                 return version
             time.sleep(0.2)

@@ -31,10 +31,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, 
     return adv, adv + values.float()
 
 
-def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    if x.numel() < 2:
-        return x - x.mean()
-    return (x - x.mean()) / (x.std() + eps)
+def normalize(x: torch.Tensor, eps: float = 1e-8, mean: torch.Tensor | None = None,
+              std: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / (std + eps); the moments default to x's own (data parallel passes the global ones)."""
+    if mean is None or std is None:
+        if x.numel() < 2:
+            return x - x.mean()
+        mean, std = x.mean(), x.std()
+    return (x - mean) / (std + eps)
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_coef: float,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from services.trainer.config import TrainConfig
+from services.trainer.distributed import Dist, global_moments
 from services.trainer.guidance import Guidance, ReplayBuffer, make_guidance
 from services.trainer.losses import cosine_lr_factor, explained_variance, gae, normalize, ppo_clip_loss, value_loss
 from services.trainer.policy import Policy
@@ -37,12 +38,19 @@ class PPOBatch:
     """Value targets: GAE returns without the KL term."""
     is_weights: torch.Tensor | None = None
     """Truncated importance weights min(pi_trainer / pi_sampler, rollout.tis_cap), or None (off)."""
+    global_index: list[int] | None = None
+    """Each sample's index in the global batch (t * env.num_envs + env) under data parallelism;
+    None: this batch is the whole batch."""
+    global_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
-def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = None) -> tuple[PPOBatch, dict[str, Any]]:
+def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = None,
+                dist: Dist | None = None) -> tuple[PPOBatch, dict[str, Any]]:
+    """This rank's samples; the advantage moments are the global batch's (all-reduced)."""
+    dist = dist or Dist()
     rows = rollout.steps
 
     def grid(f):
@@ -59,13 +67,16 @@ def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = 
     if cfg.guidance.kl_before_norm:
         b_adv = b_adv - beta * kl.reshape(-1)
     if cfg.ppo.norm_adv:
-        b_adv = normalize(b_adv)
+        b_adv = normalize(b_adv, 1e-8, *global_moments(b_adv, dist))  # over all ranks' samples
     if not cfg.guidance.kl_before_norm:
         b_adv = b_adv - beta * kl.reshape(-1)
     flat = rollout.flat()
     batch = PPOBatch(prompts=[s.prompt for s in flat], completions=[s.tokens for s in flat],
                      n_thought=[s.n_thought for s in flat], old_logp=torch.tensor([s.logprob for s in flat]),
-                     old_values=values.reshape(-1), advantages=b_adv, returns=returns.reshape(-1))
+                     old_values=values.reshape(-1), advantages=b_adv, returns=returns.reshape(-1),
+                     global_index=[t * cfg.env.num_envs + s.env_index
+                                   for t, row in enumerate(rows) for s in row],
+                     global_size=len(rows) * cfg.env.num_envs)
     m = {"ppo/adv_raw_mean": float(adv.mean()), "ppo/return_mean": float(returns.mean()),
          "ppo/kl_penalty_mean": float(beta * kl.mean())}
     if cfg.rollout.tis_cap is not None and any(s.sampler_logprob is not None for s in flat):
@@ -84,24 +95,37 @@ def make_optimizer(policy: Policy, cfg: TrainConfig):
 
 
 def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: TrainConfig, rng: np.random.Generator,
-               sft_buffer: ReplayBuffer | None = None, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+               sft_buffer: ReplayBuffer | None = None, on_step: Callable[[], None] | None = None,
+               dist: Dist | None = None) -> dict[str, Any]:
+    """Epochs x global minibatches. Data parallel: every rank draws the same permutation of the
+    global batch (rng seeded alike), takes the samples of each minibatch it holds, scales their
+    loss by (its share / the global minibatch), and the gradients are summed over ranks before
+    the clip, so each optimizer step sees the global minibatch's mean gradient and its global
+    norm, whatever the world size."""
     p, dev = cfg.ppo, policy.device
+    dist = dist or Dist()
+    size = batch.global_size or len(batch)
+    local_of = {g: i for i, g in enumerate(batch.global_index or range(len(batch)))}
     params = policy.parameters()
     stats: dict[str, list[float]] = {}
 
     def add(k, v):
         stats.setdefault(k, []).append(float(v))
 
+    # The replay draws come from their own generator: each rank's buffer differs, and drawing from
+    # `rng` would let the ranks' permutations drift apart.
+    sft_rng = np.random.default_rng([int(rng.integers(2**31 - 1)), dist.rank])
     policy.train(True)  # dropout stays off (Policy.train): the first minibatch's ratio is exactly 1
     new_values_all = torch.zeros(len(batch))
     try:
         for _epoch in range(p.epochs):
-            perm = rng.permutation(len(batch))
-            for start in range(0, len(batch), p.minibatch_size):
-                mb = perm[start:start + p.minibatch_size]
+            perm = rng.permutation(size)
+            for start in range(0, size, p.minibatch_size):
+                mb_global = perm[start:start + p.minibatch_size]
+                mb = [local_of[int(g)] for g in mb_global if int(g) in local_of]  # this rank's share
                 optimizer.zero_grad(set_to_none=True)
                 for ms in range(0, len(mb), p.micro_batch_size):
-                    idx = [int(i) for i in mb[ms:ms + p.micro_batch_size]]
+                    idx = mb[ms:ms + p.micro_batch_size]
                     sc = policy.score([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
                                       [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef,
                                       entropy_grad=p.ent_coef > 0)
@@ -111,7 +135,7 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                     v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
                     ent = sc.entropy.mean()
                     loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * ent
-                    (loss * len(idx) / len(mb)).backward()  # accumulate: a minibatch-mean gradient
+                    (loss * len(idx) / len(mb_global)).backward()  # accumulate: the global minibatch's mean
                     new_values_all[idx] = sc.values.detach().float().cpu()
                     for k, v in st.items():
                         add(f"ppo/{k}", v)
@@ -119,11 +143,13 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                     add("ppo/value_loss", v_loss.item())
                     add("ppo/entropy", ent.item())
                 if sft_buffer is not None and cfg.guidance.sft_alpha > 0 and len(sft_buffer):
-                    exs = sft_buffer.sample(cfg.guidance.sft_batch_size, rng)
+                    exs = sft_buffer.sample(cfg.guidance.sft_batch_size, sft_rng)
                     ce = policy.masked_ce([e.prompt for e in exs], [e.ids for e in exs], [e.n_thought for e in exs])
-                    (cfg.guidance.sft_alpha * ce).backward()  # L = L_PPO + alpha * CE(thought tokens)
+                    # L = L_PPO + alpha * CE(thought tokens); each rank's own replay sample, averaged over ranks
+                    (cfg.guidance.sft_alpha * ce / dist.world_size).backward()
                     add("sft/ce", ce.item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+                dist.all_reduce_grads(params, "LoRA and value-head gradients")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)  # the global norm
                 add("ppo/grad_norm", grad_norm.item())
                 add("ppo/lr", optimizer.param_groups[0]["lr"])
                 optimizer.step()

@@ -9,7 +9,7 @@ terminated / truncated kept apart, and (after guidance) the teacher version and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -94,17 +94,19 @@ def decode_image(obs_image: str | None) -> np.ndarray | None:
 
 def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
             on_step: Callable[[int], None] | None = None, guidance: Guidance | None = None,
-            sampler: Sampler | None = None) -> Rollout:
+            sampler: Sampler | None = None, first_env: int = 0) -> Rollout:
     """One update's rollout. Episodes start fresh each update with seeds derived from
     (cfg.seed, update, env, episode), so a resumed run replays the same episodes. `sampler`
-    draws the tokens (default: the policy itself); the old log-prob is always the policy's own."""
+    draws the tokens (default: the policy itself); the old log-prob is always the policy's own.
+    Under data parallelism the pool holds this rank's envs, global indices first_env,
+    first_env + 1, ...: an env's episodes are the same at any world size."""
     sampler = sampler or LocalSampler(policy)
-    n, T = cfg.env.num_envs, cfg.env.num_steps
+    n, T = pool.num_envs, cfg.env.num_steps
     proc, tok = policy.processor, policy.tokenizer
     temp = cfg.generation.temperature
     kl_temp = (guidance or make_guidance(cfg)).student_kl_temperature
     episode_no = [0] * n
-    current: list[EnvResult] = pool.open([derive_seed(cfg.seed, update, e, 0) for e in range(n)])
+    current: list[EnvResult] = pool.open([derive_seed(cfg.seed, update, first_env + e, 0) for e in range(n)])
     ep_return, ep_len = [0.0] * n, [0] * n
     rollout = Rollout(steps=[])
     for t in range(T):
@@ -133,7 +135,7 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
                 logprob=float(sc.logprob[e]), value=float(sc.values[e]),
                 student_thought_lp=sc.thought_logprobs[e] if sc.thought_logprobs is not None else None,
                 env_reward=float(r.reward), reward=float(shaped), terminated=bool(r.terminated),
-                truncated=bool(r.truncated), format_ok=fmt, info=r.info, env_index=e))
+                truncated=bool(r.truncated), format_ok=fmt, info=r.info, env_index=first_env + e))
             if sampled.logprobs is not None:  # the sampler/trainer mismatch (DESIGN §3.4)
                 s_lp = sampled.logprobs[e]
                 row[-1].sampler_logprob = weighted_logprob(s_lp, spans[e].n_thought, cfg.ppo.thought_coef)
@@ -143,13 +145,13 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
             ep_len[e] += 1
             if r.terminated or r.truncated:
                 rollout.episodes.append({"return": ep_return[e], "length": ep_len[e], "won": bool(r.info.get("won", False)),
-                                         "task_type": r.info.get("task_type"), "env_index": e})
+                                         "task_type": r.info.get("task_type"), "env_index": first_env + e})
                 if r.truncated and not r.terminated:
                     # Bootstrap through the time limit: the value of the final observation.
                     truncated_final[e] = encode_prompt(proc, observation_messages(r.observation))
                 ep_return[e], ep_len[e] = 0.0, 0
                 episode_no[e] += 1
-                current[e] = pool.reset(e, derive_seed(cfg.seed, update, e, episode_no[e]))
+                current[e] = pool.reset(e, derive_seed(cfg.seed, update, first_env + e, episode_no[e]))
             else:
                 current[e] = r
         if truncated_final:
@@ -175,6 +177,21 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
         for e, v in zip(open_envs, vals.tolist(), strict=True):
             last[e].next_value = float(v)
     return rollout
+
+
+def slim(rollout: Rollout) -> Rollout:
+    """The rollout without prompts, chats, images and per-token tensors: what its metrics read,
+    small enough to gather from every rank to rank 0."""
+    steps = [[replace(s, prompt=None, messages=[], image=None, student_thought_lp=None) for s in row]
+             for row in rollout.steps]
+    return Rollout(steps=steps, episodes=list(rollout.episodes), cut_off=rollout.cut_off)
+
+
+def merge(rollouts: list[Rollout]) -> Rollout:
+    """Ranks' rollouts side by side: row t holds every rank's envs (rank order = env order)."""
+    steps = [[s for r in rollouts for s in r.steps[t]] for t in range(len(rollouts[0].steps))]
+    return Rollout(steps=steps, episodes=[e for r in rollouts for e in r.episodes],
+                   cut_off=sum(r.cut_off for r in rollouts))
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
