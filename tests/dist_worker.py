@@ -46,9 +46,11 @@ def run_update(model: str, rollout: Rollout, dist: Dist, overrides: list[str] | 
     local = Rollout(steps=[row[first:first + n] for row in rollout.steps])
     policy = Policy(model, cfg.model, seed=0)
     optimizer, scheduler = make_optimizer(policy, cfg)
-    batch, _ = build_batch(local, cfg, dist)
+    batch, _ = build_batch(local, cfg, dist=dist)
     m = ppo_update(policy, optimizer, scheduler, batch, cfg, np.random.default_rng(7), dist=dist)
-    adapter = {k: v.detach().clone() for k, v in policy.adapter_state().items()}
+    from peft import get_peft_model_state_dict
+
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy.model).items()}
     head = {k: v.detach().clone() for k, v in policy.value_head.state_dict().items()}
     return adapter, head, m
 

@@ -104,3 +104,111 @@ def test_a_failed_collective_names_itself_and_the_rank():
     err = d._fail("advantage moments", RuntimeError("Connection closed by peer"))
     assert isinstance(err, DistributedError)
     assert "rank 1/2" in str(err) and "'advantage moments'" in str(err) and "Another rank died" in str(err)
+
+
+# ------------------------------------------------------------------ gtr train --nproc 2 (real services)
+
+
+def _train_argv(tiny_model_dir, run_dir: Path, env_url: str, teacher_url: str, mode: str, *extra: str) -> list[str]:
+    sets = [f"model.path={tiny_model_dir}", f"env.url={env_url}", f"teacher.url={teacher_url}",
+            f"guidance.mode={mode}", "updates=2", f"run_dir={run_dir}", "logging.progress=false",
+            "env.num_envs=4", "env.num_steps=4", "env.options={max_position: 1}", "generation.max_new_tokens=12",
+            "ppo.epochs=1", "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "logging.samples_per_update=1",
+            "distributed.timeout_s=60", *extra]
+    argv = [sys.executable, "-m", "shared.cli", "train", "--nproc", "2", "--config",
+            str(ROOT / "configs/tiny-cpu.yaml"), "--port", "0"]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
+
+
+def _run(argv: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def env_url():
+    from tests.trainer_services import running_services
+
+    with running_services(None, None, teacher=False) as (url, _):
+        yield url
+
+
+@pytest.mark.slow
+def test_gtr_train_on_two_ranks(tiny_model_dir, env_url, tmp_path):
+    from shared.teacher_client import TeacherClient
+    from tests.trainer_services import running_services
+
+    run_dir = tmp_path / "run"
+    with running_services(tiny_model_dir, tmp_path / "store", env=False) as (_, teacher_url):
+        r = _run(_train_argv(tiny_model_dir, run_dir, env_url, teacher_url, "kl", "teacher.wait_for_merge_s=30"))
+        assert r.returncode == 0, r.stderr[-5000:]
+        with TeacherClient(teacher_url) as teacher:
+            steps = sorted(c.step for c in teacher.checkpoints().checkpoints)
+            version = teacher.info().version
+    assert steps == [1, 2]  # one push per update (rank 0 alone), not one per rank
+    rows = _rows(run_dir)
+    assert [row["update"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["dist/world_size"] == 2 and row["env_steps"] == row["update"] * 4 * 4
+        # NumberLine with max_position 1 ends an episode every 2 steps at most: each rank's 2 envs
+        # end at least 4 episodes per update, and the logged count is both ranks' together.
+        per_rank = [row["dist/rank0/episodes"], row["dist/rank1/episodes"]]
+        assert min(per_rank) >= 4 and row["rollout/episodes"] == sum(per_rank)
+        assert row["teacher/unavailable"] == 0 and row["teacher/version_skew"] == 0
+    assert rows[1]["teacher/version"] > rows[0]["teacher/version"] and version >= rows[1]["teacher/version"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.jsonl")) == ["update_00001.jsonl", "update_00002.jsonl"]
+    assert "[rank 1]" in r.stderr and "[rank 0]" in r.stderr
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_bit_identical(tiny_model_dir, env_url, tmp_path):
+    import signal
+    import time
+
+    from services.trainer.checkpoint import ResumeError, load_checkpoint
+    from services.trainer.config import load_train_config
+    from services.trainer.policy import Policy
+    from services.trainer.ppo import make_optimizer
+
+    dead = "http://127.0.0.1:9"  # guidance none, no pushes: the teacher never answers
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = _run(_train_argv(tiny_model_dir, straight, env_url, dead, "none"))
+    assert r.returncode == 0, r.stderr[-5000:]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(_train_argv(tiny_model_dir, resumed, env_url, dead, "none"), cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (resumed / "checkpoint" / "trainer_state.pt").exists():
+            assert p.poll() is None and time.monotonic() < deadline, "no checkpoint after update 1"
+            time.sleep(0.05)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid update 2
+        p.wait()
+    assert len(_rows(resumed)) == 1
+    r = _run(_train_argv(tiny_model_dir, resumed, env_url, dead, "none") + ["--resume"])
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert "resumed from" in r.stderr
+    for f in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(str(d / "checkpoint" / f)) for d in (straight, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    s_rows, r_rows = _rows(straight), _rows(resumed)
+    assert [row["update"] for row in r_rows] == [1, 2]
+    assert s_rows[1]["ppo/pg_loss"] == r_rows[1]["ppo/pg_loss"]
+    assert s_rows[1]["rollout/mean_return"] == r_rows[1]["rollout/mean_return"]
+
+    # The same checkpoint in one process: refused, saying how many ranks wrote it.
+    cfg = load_train_config(str(ROOT / "configs/tiny-cpu.yaml"), [f"model.path={tiny_model_dir}", "model.device=cpu"])
+    policy = Policy(tiny_model_dir, cfg.model)
+    optimizer, scheduler = make_optimizer(policy, cfg)
+    with pytest.raises(ResumeError, match=r"written by 2 rank\(s\) but this run has 1.*--nproc 2"):
+        load_checkpoint(resumed, policy, optimizer, scheduler, None, Dist())

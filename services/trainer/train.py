@@ -197,9 +197,10 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     finally:
         bar.close()
 
+    dist_m: dict[str, Any] = {}
     if dist.active:
         # Rank 0 logs the whole batch: every rank's episodes and steps (small: no prompts or images).
-        rollout, guide, ppo_m = _gather_metrics(dist, rollout, guide, ppo_m)
+        rollout, guide, ppo_m, dist_m = _gather_metrics(dist, rollout, guide, ppo_m)
     counters.update = update
     counters.env_steps += len(steps) * dist.world_size
     if guide.get("teacher/version") is not None:
@@ -209,7 +210,7 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     seconds_update = seconds_rollout + seconds_teacher + seconds_ppo
     metrics: dict[str, Any] = {
         "update": update, "env_steps": counters.env_steps, "guidance/mode": guidance.mode,
-        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m, **sync_m,
+        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m, **sync_m, **dist_m,
         "rollout/engine": sampler.name,
         "time/rollout_s": seconds_rollout, "time/teacher_s": seconds_teacher, "time/ppo_s": seconds_ppo,
         "time/update_s": seconds_update, "time/sps": len(steps) * dist.world_size / max(1e-9, seconds_update),
@@ -273,7 +274,8 @@ def _gather_metrics(dist: Dist, rollout: Rollout, guide: dict[str, Any], ppo_m: 
     if len(set(versions)) > 1:
         log.warning("teacher version skew across ranks: %s", versions)
         guide["teacher/version_skew"] = guide.get("teacher/version_skew", 0) + sum(v != max(versions) for v in versions)
-    return merged, guide, reduce_metrics([p[2] for p in parts], maxes=("ppo/clipfrac_max",))
+    dist_m = {f"dist/rank{r}/episodes": len(p[0].episodes) for r, p in enumerate(parts)}
+    return merged, guide, reduce_metrics([p[2] for p in parts], maxes=("ppo/clipfrac_max",)), dist_m
 
 
 def _fmt(v) -> str:
