@@ -212,3 +212,142 @@ def test_killed_two_rank_run_resumes_bit_identical(tiny_model_dir, env_url, tmp_
     optimizer, scheduler = make_optimizer(policy, cfg)
     with pytest.raises(ResumeError, match=r"written by 2 rank\(s\) but this run has 1.*--nproc 2"):
         load_checkpoint(resumed, policy, optimizer, scheduler, None, Dist())
+
+
+def test_multi_gpu_compose_override():
+    """docker-compose.multi-gpu.yml parsed by the real compose over docker-compose.yml: the trainer
+    on TRAINER_GPUS via torchrun (one rank per GPU), two teacher replicas on other GPUs, each with
+    its own store, both in teacher.url."""
+    import json
+
+    from tests.test_deploy import _compose_bin
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEACHER", "TRAINER_", "TRAIN_"))}
+    out = subprocess.run([_compose_bin(), "-f", "docker-compose.yml", "-f", "docker-compose.multi-gpu.yml", "config",
+                          "--format", "json"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**env, "MODEL_DIR": "/tmp/model", "TRAINER_GPUS": "0,1,2,3,4,5", "TEACHER_GPU": "6",
+                              "TEACHER2_GPU": "7"})
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)["services"]
+
+    def gpus(name):
+        return [i for d in s[name]["deploy"]["resources"]["reservations"]["devices"] for i in d["device_ids"]]
+
+    assert gpus("trainer") == ["0,1,2,3,4,5"] and gpus("teacher") == ["6"] and gpus("teacher-2") == ["7"]
+    cmd = s["trainer"]["command"]
+    assert cmd[:4] == ["gtr", "train", "--nproc", "gpu"]
+    assert "teacher.url=http://teacher:8200,http://teacher-2:8200" in cmd
+    assert s["trainer"]["depends_on"]["teacher-2"]["condition"] == "service_healthy"
+    stores = {n: [v["source"] for v in s[n]["volumes"] if v["target"] == "/checkpoints"] for n in ("teacher", "teacher-2")}
+    assert stores == {"teacher": ["checkpoints"], "teacher-2": ["checkpoints-2"]}
+    assert "ports" not in s["teacher-2"] and s["teacher-2"]["command"] == s["teacher"]["command"]
+    # The command gtr train --nproc gpu stands for.
+    from shared.cli import build_parser
+    from services.trainer.cli import torchrun_argv
+
+    args = build_parser().parse_args(["train", "--nproc", "gpu", "--config", "c.yaml", "--set", "a=1", "--resume"])
+    assert torchrun_argv(args)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=gpu", "-m",
+                                       "services.trainer", "--log-level", "INFO", "train", "--config", "c.yaml",
+                                       "--set", "a=1", "--resume"]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_survivor_with_a_clear_message(tiny_model_dir, env_url, tmp_path):
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(_train_argv(tiny_model_dir, run_dir, env_url, "http://127.0.0.1:9", "none", "updates=20"),
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert p.poll() is None and time.monotonic() < deadline, "no update finished"
+            time.sleep(0.05)
+        rank1 = [c for c in psutil.Process(p.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].kill()  # SIGKILL: no goodbye to the process group
+        _, stderr = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    assert p.returncode != 0
+    assert "[rank 0]" in stderr and "DistributedError: rank 0/2: the collective" in stderr, stderr[-4000:]
+    assert "Another rank died or hung longer than distributed.timeout_s=60s" in stderr
+
+
+def _generate_requests(url: str) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(r'^teacher_requests_total\{[^}]*generate[^}]*\} (\S+)$', text, re.M))
+
+
+@pytest.mark.slow
+def test_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, env_url, tmp_path):
+    from contextlib import ExitStack
+
+    from shared.teacher_client import TeacherClient
+    from tests.trainer_services import running_services
+
+    run_dir = tmp_path / "run"
+    with ExitStack() as stack:
+        teachers = [stack.enter_context(running_services(tiny_model_dir, tmp_path / f"store{i}", env=False))[1]
+                    for i in range(2)]
+        # SFT guidance asks /v1/generate about every step (the tiny model's outputs need not parse),
+        # two items per request: 4 requests per rank per update to spread.
+        r = _run(_train_argv(tiny_model_dir, run_dir, env_url, ",".join(teachers), "sft", "teacher.batch_size=2",
+                             "teacher.wait_for_merge_s=30", "guidance.teacher_max_new_tokens=8"))
+        assert r.returncode == 0, r.stderr[-5000:]
+        infos, steps, served = [], [], []
+        for url in teachers:
+            with TeacherClient(url) as t:
+                infos.append(t.info())
+                steps.append(sorted(c.step for c in t.checkpoints().checkpoints))
+            served.append(_generate_requests(url))
+    assert steps == [[1, 2], [1, 2]]  # every checkpoint pushed to every replica, once
+    assert infos[0].version == infos[1].version > 0  # the same checkpoints merged: the same version
+    assert all(n >= 4 for n in served) and sum(served) == 2 * 2 * 4, served  # spread over both replicas
+    rows = _rows(run_dir)
+    assert [row["teacher/version_skew"] for row in rows] == [0, 0]
+    assert all(row["teacher/unavailable"] == 0 for row in rows)
+
+
+def test_teacher_replicas_spread_skip_a_dead_replica_and_push_to_each(tiny_model_dir, tmp_path):
+    """TeacherReplicas against a real teacher and a dead address: requests start on alternate
+    replicas and a dead one is skipped for the next; uploads reach every replica that answers,
+    and the dead one's failure is reported, not raised."""
+    from peft import get_peft_model
+
+    from services.trainer.config import LoraSettings
+    from services.trainer.policy import lora_config
+    from shared.client import ServiceError
+    from shared.models import load_model
+    from shared.schemas import GenerateItem, GenerateRequest
+    from shared.teacher_client import TeacherReplicas
+    from tests.trainer_services import free_port, running_services
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with running_services(tiny_model_dir, tmp_path / "store", env=False) as (_, live):
+        replicas = TeacherReplicas([dead, live], timeout=30, retries=0, start=1)
+        try:
+            item = GenerateItem(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                max_new_tokens=2, temperature=0)
+            replies = replicas.generate([GenerateRequest(items=[item])] * 3)  # live, dead -> live, live
+            assert [len(r.items) for r in replies] == [1, 1, 1]
+            assert _generate_requests(live) == 3
+            adapter = tmp_path / "adapter"
+            get_peft_model(load_model(tiny_model_dir, "cpu"), lora_config(LoraSettings(r=2))).save_pretrained(adapter)
+            out = replicas.each(lambda c: c.upload_adapter(adapter, step=1))
+            assert isinstance(out[0], ServiceError) and out[0].status is None  # the dead one: unreachable
+            assert not isinstance(out[1], ServiceError) and out[1].checkpoint_id
+        finally:
+            replicas.close()
+    with pytest.raises(ServiceError):  # no replica left: the error, for the caller's unavailable policy
+        TeacherReplicas([dead], retries=0).generate([GenerateRequest(items=[item])])

@@ -29,12 +29,16 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _nproc(v: str) -> str:
+    if v in ("gpu", "auto") or (v.isdigit() and int(v) >= 1):
+        return v
+    raise argparse.ArgumentTypeError(f"--nproc takes a number of processes (>= 1) or 'gpu', not {v!r}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from services.trainer.distributed import launched_by_torchrun
 
     if args.nproc is not None and not launched_by_torchrun():
-        if args.nproc < 1:
-            raise ValueError("--nproc must be at least 1")
         argv = torchrun_argv(args)
         log.info("exec: %s", " ".join(argv))
         sys.stdout.flush()
@@ -131,10 +135,10 @@ def register(sub) -> None:
                    help="override a config key, e.g. --set model.path=runs/sft --set guidance.mode=kl (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint")
     p.add_argument("--port", type=int, help="trainer status service port (0: none; default trainer.port)")
-    p.add_argument("--nproc", type=int, metavar="N",
+    p.add_argument("--nproc", type=_nproc, metavar="N|gpu",
                    help="data parallel on this node: exec `torchrun --standalone --nproc-per-node N -m services.trainer` "
-                        "with these flags (NCCL on GPUs, one per rank; gloo on CPU). Several nodes: run torchrun "
-                        "yourself (docs/distributed.md)")
+                        "with these flags (NCCL on GPUs, one per rank; gloo on CPU). `gpu`: one rank per visible GPU. "
+                        "Several nodes: run torchrun yourself (docs/distributed.md)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sft", help="SFT-init from the env experts, folded into a new base model",

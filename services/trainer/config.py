@@ -44,8 +44,8 @@ class ModelSettings(StrictModel):
     """Completion positions per chunk when scoring: the fp32 head, log-softmax and entropy run on
     at most this many positions at once (a [chunk, vocab] fp32 tensor: 156 MB at 256 x 152k)."""
     fsdp: bool = False
-    """Under torchrun: shard the frozen base over the ranks with FSDP2's fully_shard (bases that do
-    not fit one GPU). Off: every rank holds the whole base (plain data parallel)."""
+    """Reserved: shard the frozen base over the ranks with FSDP2's fully_shard (bases that do not fit
+    one GPU). Not implemented yet: true is refused at start-up (docs/distributed.md says why)."""
 
 
 class EnvSettings(StrictModel):

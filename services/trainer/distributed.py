@@ -9,7 +9,7 @@ code runs at world size 1.
 
 Every collective is named: when another rank dies or hangs, the survivors fail with a message
 that says which collective, which rank and what to look at, instead of hanging (the process
-group's timeout, `dist.timeout_s`, bounds the wait).
+group's timeout, `distributed.timeout_s`, bounds the wait).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Dist:
         return DistributedError(
             f"rank {self.rank}/{self.world_size}: the collective '{what}' failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Another rank died or hung longer than "
-            f"dist.timeout_s={self.timeout_s:g}s; its log says why. Stopping this rank too "
+            f"distributed.timeout_s={self.timeout_s:g}s; its log says why. Stopping this rank too "
             f"(resume from the last checkpoint with --resume and the same number of ranks).")
 
     def all_reduce(self, t: torch.Tensor, what: str, op: str = "sum") -> torch.Tensor:

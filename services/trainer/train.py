@@ -55,6 +55,12 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None, dist: Dist | None 
 
 
 def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str, Any]:
+    if cfg.model.fsdp:
+        # FSDP2 all-gathers each layer in every forward, so every rank would have to run the same
+        # number of forwards: generation stops at different lengths and the global minibatch gives
+        # ranks different shares. Refused rather than risk a hang.
+        raise ValueError("model.fsdp=true (FSDP2 sharding of the base) is not implemented yet; every rank holds "
+                         "the whole base (docs/distributed.md)")
     first_env, n_envs = dist.shard(cfg.env.num_envs, "env.num_envs")
     if dist.active:
         cfg = cfg.model_copy(deep=True)
@@ -243,7 +249,7 @@ def _sync_sampler(sampler: Sampler, step: int, dist: Dist) -> dict[str, Any]:
 def check_teacher(link: TeacherLink, cfg: TrainConfig) -> None:
     """Fail at start-up, not mid-run, when a teacher replica scores with another tokenizer."""
     versions = set()
-    for url, info in zip(cfg.teacher.urls, link.infos(), strict=True):
+    for url, info in zip([c.base_url for c in link.replicas.clients], link.infos(), strict=True):
         if isinstance(info, ServiceError):
             log.warning("teacher at %s is not reachable now (%s); updates run unguided until a replica is", url, info)
             continue
