@@ -174,6 +174,8 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         t0 = time.perf_counter()
         mem.reset()
         if link is not None and guidance.uses_teacher:
+            if dist.active:  # rank 0 pushed: every rank waits for that merge, on every replica
+                link.merge_above = dist.all_gather_object(link.merge_above, "pushed merge version")[0]
             link.await_pushed_merge()  # merged during the rollout: the same teacher version in every run
         guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer,
                                derive_seed(cfg.seed, update, 3, *([dist.rank] if dist.rank else [])))
