@@ -126,7 +126,7 @@ class ServiceSampler:
             if info.served_checkpoints == [up.checkpoint_id]:
                 break
             if time.monotonic() > deadline:
-                error = getattr(info, "last_merge_error", None)
+                error = info.last_merge_error
                 raise PolicySyncError(
                     f"the policy service at {self.settings.url} did not serve checkpoint {up.checkpoint_id} within "
                     f"{self.settings.sync_timeout_s:.0f}s (serving {info.served_checkpoints}, version {info.version}"
