@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.codecs import b64_to_image
+from shared.models import VISION_SPECIAL_TOKENS
 from shared.logprobs import DEFAULT_CHUNK, selective_logprobs
 
 
@@ -37,13 +38,58 @@ class EncodedBatch:
         return max(self.completion_lens, default=0)
 
 
-def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list]:
-    """Decode the base64 images of a chat; return (template-ready messages, PIL images in order)."""
-    out, images = [], []
+class ChatInputError(ValueError):
+    """A chat the model must not see (services map it to a 4xx)."""
+
+
+class PromptTooLarge(ChatInputError):
+    """More text or images than the limits (services map it to 413)."""
+
+
+MAX_TEXT_BYTES = 1 << 20
+"""Text of one chat, in UTF-8 bytes, checked before tokenising (a 10 MB prompt took 28 s to
+tokenise before its 413). ~250k tokens of English: far above any context we serve."""
+MAX_IMAGES = 16
+"""Images in one chat (each decodes to up to 64 MB and a few thousand vision tokens)."""
+
+
+def check_text(text: str, where: str = "text") -> str:
+    """Refuse text that would corrupt the encoding: the vision special tokens (the processor
+    expands each `<|image_pad|>` into an image's patches, so one in the text misaligns every
+    image, or breaks the forward without one) and lone surrogates (not encodable UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ChatInputError(f"{where} is not valid UTF-8 text (lone surrogate at {e.start})") from None
+    found = [t for t in VISION_SPECIAL_TOKENS if t in text]
+    if found:
+        raise ChatInputError(f"{where} holds the vision special tokens {found}: images go in image parts only")
+    return text
+
+
+def split_messages(messages: Sequence[dict[str, Any]], max_text_bytes: int = MAX_TEXT_BYTES,
+                   max_images: int = MAX_IMAGES) -> tuple[list[dict[str, Any]], list]:
+    """Check a chat and decode its base64 images; return (template-ready messages, PIL images in order).
+
+    Raises ChatInputError (vision tokens in text, lone surrogates), PromptTooLarge (text or image
+    count over the limits, checked before anything is decoded or tokenised) or CodecError (images).
+    """
+    texts, n_images = [], 0
     for m in messages:
+        c = m["content"]
+        texts += [c] if isinstance(c, str) else [p["text"] for p in c if p["type"] != "image"]
+        n_images += 0 if isinstance(c, str) else sum(p["type"] == "image" for p in c)
+    # chars <= UTF-8 bytes: the cheap count first, the exact one only when it passes
+    if sum(map(len, texts)) > max_text_bytes or \
+            sum(len(t.encode("utf-8", "replace")) for t in texts) > max_text_bytes:
+        raise PromptTooLarge(f"the chat's text exceeds {max_text_bytes} bytes")
+    if n_images > max_images:
+        raise PromptTooLarge(f"the chat has {n_images} images; the limit is {max_images}")
+    out, images = [], []
+    for i, m in enumerate(messages):
         content = m["content"]
         if isinstance(content, str):
-            out.append({"role": m["role"], "content": content})
+            out.append({"role": m["role"], "content": check_text(content, f"message {i}")})
             continue
         parts = []
         for p in content:
@@ -52,7 +98,7 @@ def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
                 images.append(b64_to_image(img) if isinstance(img, str) else img)
                 parts.append({"type": "image"})
             else:
-                parts.append({"type": "text", "text": p["text"]})
+                parts.append({"type": "text", "text": check_text(p["text"], f"message {i}")})
         out.append({"role": m["role"], "content": parts})
     return out, images
 
@@ -120,6 +166,31 @@ def completion_logits(model, batch: EncodedBatch, **forward_kwargs):
     return out, out.logits[:, :-1, :] if k > 0 else out.logits[:, :0, :]
 
 
+def fp32_head(model, vocab_chunk: int = 16384):
+    """The model's output head computed in fp32: [n, H] hidden states (any dtype) -> [n, V] fp32 logits.
+
+    DESIGN §4: log-probs in fp32. A bf16 head rounds each logit to ~3 significant digits before
+    the log-softmax; the student scores with an fp32 head (services/trainer/policy.py), so the
+    teacher must too, or identical weights on both sides leave a KL floor (~1e-4 on the tiny
+    model in bf16, growing with logit scale). The weight is cast a block of `vocab_chunk` rows
+    at a time: no persistent fp32 copy of the head (2.2 GB at Qwen-7B's 152k x 3584).
+    """
+    head = model.get_output_embeddings()
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        w, h32 = head.weight, h.float()
+        if w.dtype == torch.float32:
+            out = F.linear(h32, w)
+        else:
+            out = torch.cat([F.linear(h32, w[i:i + vocab_chunk].float())
+                             for i in range(0, w.shape[0], vocab_chunk)], dim=-1)
+        if getattr(head, "bias", None) is not None:
+            out = out + head.bias.float()
+        return out
+
+    return apply
+
+
 def completion_logprobs(model, batch: EncodedBatch, temperature: float = 1.0, top_k: int = 0,
                         chunk: int = DEFAULT_CHUNK):
     """Per-item log-probs of each completion token (fp32), plus the top-k of each position.
@@ -132,12 +203,12 @@ def completion_logprobs(model, batch: EncodedBatch, temperature: float = 1.0, to
     lens = batch.completion_lens
     targets = batch.inputs["input_ids"][:, batch.width - k:]
     body = getattr(model, "model", None)
-    head = model.get_output_embeddings()
-    if body is None or head is None:  # not a ForConditionalGeneration/CausalLM wrapper: plain logits
+    if body is None or model.get_output_embeddings() is None:  # no CausalLM wrapper: plain logits
         _, logits = completion_logits(model, batch)
         hidden, head = logits, (lambda x: x)
     else:
         hidden = body(**batch.inputs, use_cache=False)[0][:, batch.width - k - 1:batch.width - 1]
+        head = fp32_head(model)
     pos = torch.arange(k, device=targets.device)
     valid = pos.unsqueeze(0) >= (k - torch.tensor(lens, device=targets.device)).unsqueeze(1)
     # Row-major: each row's completion positions are contiguous (left padding), rows in order.

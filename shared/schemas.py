@@ -380,6 +380,8 @@ class CheckpointInfo(DeclaredResponse):
     modules: int | None = Field(default=None, ge=0)
     """LoRA modules in the adapter."""
     use_rslora: bool | None = None
+    refused: bool = False
+    """A merge that included it was refused (non-finite teacher): left out of merges."""
 
 
 class CheckpointList(DeclaredResponse):

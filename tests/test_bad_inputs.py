@@ -20,12 +20,7 @@ from shared.codecs import image_to_b64
 # Cases whose fix has not landed yet, by owner. Strict: a fixed case XPASSes and fails the suite,
 # so whoever lands the fix deletes its id here in the same commit.
 TEACHER = "teacher helper (wt/teacher)"
-PENDING = {
-    **{f"{c}-{r}": TEACHER for r in ("logits", "generate") for c in (
-        "decompression-bomb-20000x20000", "aspect-ratio-4000x1", "20MB-compressed-text-chunk",
-        "image-pad-token-in-text", "vision-start-token-in-text", "vision-tokens-in-text-with-an-image")},
-    "alpha_pattern-value-a-string": TEACHER, "rank_pattern-key-not-a-regex": TEACHER, "json-nested-100k-deep": TEACHER,
-}
+PENDING: dict[str, str] = {}
 
 
 def cases(*ids: str):

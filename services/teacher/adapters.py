@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# `regex`, not `re`: client patterns are matched with a timeout (no catastrophic backtracking).
+import regex
 import torch
 
 from shared.codecs import CodecError, bytes_to_tensors
@@ -91,11 +93,61 @@ def _foreign(detail: str) -> BaseMismatch:
     return BaseMismatch(detail)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RANK = 4096
+MAX_ALPHA = 1e4
+"""|lora_alpha| bound: peft's scaling alpha / r multiplies every delta; 1e300 poisoned the teacher."""
+MAX_WEIGHT = 1e4
+"""|entry| bound of a LoRA A or B tensor (trained values are ~1e-2..1; 1e30 poisoned the teacher)."""
+MAX_PATTERNS = 10_000
+PATTERN_TIMEOUT_S = 0.05
+"""rank/alpha pattern keys are client regexes matched against module paths: bounded time."""
+
+
+def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _bad(f"{where} must be a finite number, got {value!r}")
+    if not lo < value <= hi:
+        raise _bad(f"{where} must be in ({lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _rank(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_RANK:
+        raise _bad(f"{where} must be an integer in [1, {MAX_RANK}], got {value!r}")
+    return value
+
+
+def _patterns(cfg: dict[str, Any], key: str, check) -> dict[str, Any]:
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise _bad(f"adapter_config.{key} must be an object")
+    if len(patterns) > MAX_PATTERNS:
+        raise _bad(f"adapter_config.{key} has {len(patterns)} entries; the limit is {MAX_PATTERNS}")
+    compiled = {}
+    for pat, value in patterns.items():
+        check(value, f"adapter_config.{key}[{pat!r}]")
+        try:
+            compiled[regex.compile(rf"(.*\.)?({pat})$")] = value
+        except (regex.error, RecursionError, OverflowError) as e:
+            raise _bad(f"adapter_config.{key} key {pat!r} is not a valid regular expression: {e}") from None
+    return compiled
+
+
 def parse_config(config_bytes: bytes) -> dict[str, Any]:
+    """The adapter config, every numeric checked (finite, in range) and every pattern compiled.
+
+    `rank_pattern` / `alpha_pattern` come back as {compiled regex: value} under the keys
+    `_rank_patterns` / `_alpha_patterns`.
+    """
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise _bad(f"adapter_config is {len(config_bytes)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
         cfg = json.loads(config_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(f"adapter_config is not valid JSON: {e}") from e
+    except RecursionError:
+        raise _bad("adapter_config is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise _bad("adapter_config must be a JSON object")
     if cfg.get("peft_type") != "LORA":
@@ -105,31 +157,28 @@ def parse_config(config_bytes: bytes) -> dict[str, Any]:
             raise _bad(f"adapter_config.{flag}=true is not supported (plain LoRA only)")
     if cfg.get("modules_to_save"):
         raise _bad("adapter_config.modules_to_save is not supported: only LoRA deltas can be merged")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise _bad(f"adapter_config.r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _bad(f"adapter_config.lora_alpha must be a number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise _bad(f"adapter_config.{key} must be an object")
+    _rank(cfg.get("r"), "adapter_config.r")
+    _number(cfg.get("lora_alpha"), "adapter_config.lora_alpha", 0.0, MAX_ALPHA)
+    cfg["_rank_patterns"] = _patterns(cfg, "rank_pattern", _rank)
+    cfg["_alpha_patterns"] = _patterns(cfg, "alpha_pattern", lambda v, w: _number(v, w, 0.0, MAX_ALPHA))
     return cfg
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default):
+def _pattern_value(patterns: dict[Any, Any], module: str, default):
     """peft's rule (`get_pattern_key`): a pattern applies when it matches the module path's end."""
     for pat, value in patterns.items():
-        if re.match(rf"(.*\.)?({pat})$", module):
-            return value
+        try:
+            if pat.match(module, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise _bad(f"adapter pattern {pat.pattern!r} takes too long to match {module!r}") from None
     return default
 
 
 def module_scaling(cfg: dict[str, Any], module: str) -> tuple[int, float]:
     """(rank, scaling) of one module under the adapter config (rank/alpha patterns, rsLoRA)."""
-    r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
-    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-    if not isinstance(r, int) or r <= 0:
-        raise _bad(f"rank of {module} must be a positive integer, got {r!r}")
+    r = _pattern_value(cfg["_rank_patterns"], module, cfg["r"])
+    alpha = _pattern_value(cfg["_alpha_patterns"], module, cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return r, float(scaling)
 
@@ -172,6 +221,9 @@ def parse_adapter(model_bytes: bytes, config_bytes: bytes, base_shapes: dict[str
             raise _bad(f"{key} has shape {tuple(t.shape)}; only 2-D (linear / embedding) LoRA weights are supported")
         if not torch.isfinite(t).all():
             raise _bad(f"{key} holds NaN or inf")
+        if t.numel() and float(t.abs().max()) > MAX_WEIGHT:
+            raise _bad(f"{key} has entries of magnitude {float(t.abs().max()):.3g}; LoRA weights must stay "
+                       f"within {MAX_WEIGHT:g}")
         kind = m["kind"].replace("embedding_", "")
         slot = modules.setdefault(m["module"], {})
         slot[kind] = t

@@ -9,17 +9,20 @@ whole; requests keep being served by the previous version meanwhile.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import threading
 import time
 
+import torch
+
 from pydantic import ValidationError
 
 from shared.schemas import (CheckpointInfo, GenerateRequest, GenerateResult, LogitsRequest, LogitsResult, MergeReport,
-                            MergeSettings, MergeStats, TeacherInfo)
+                            MergeSettings, MergeStats, RefusedMerge, TeacherInfo)
 from services.teacher.adapters import Adapter, parse_adapter
 from services.teacher.backends.base import TeacherBackend
-from services.teacher.errors import BaseMismatch, InvalidInput, TooLarge, Unsupported
+from services.teacher.errors import BaseMismatch, InvalidInput, MergeRefused, TooLarge, Unsupported
 from services.teacher.merging import merge_adapters, merge_weights
 from services.teacher.store import CheckpointStore, StoredCheckpoint
 
@@ -37,6 +40,8 @@ class TeacherService:
         self.version = 0
         self.last_merge: MergeReport | None = None
         self.last_merge_error: str | None = None
+        self.refused_merges = 0
+        self.last_refused_merge: RefusedMerge | None = None
         self._pending = 0
         self._lock = threading.Lock()
         self._merge_lock = threading.Lock()
@@ -64,13 +69,15 @@ class TeacherService:
                            tokenizer_fingerprint=self.backend.tokenizer_fingerprint, merge=self.settings,
                            checkpoints=len(self.store), last_merge=self.last_merge,
                            merge_running=self._merge_running, last_merge_error=self.last_merge_error,
-                           pending_checkpoints=self._pending,
+                           pending_checkpoints=self._pending, refused_merges=self.refused_merges,
+                           last_refused_merge=self.last_refused_merge,
                            served_checkpoints=list(self.last_merge.checkpoints) if self.last_merge else [])
 
     @staticmethod
     def checkpoint_info(c: StoredCheckpoint) -> CheckpointInfo:
         return CheckpointInfo(checkpoint_id=c.checkpoint_id, step=c.step, created=c.created, bytes=c.bytes,
-                              rank=c.rank, alpha=c.alpha, modules=c.modules, use_rslora=c.use_rslora)
+                              rank=c.rank, alpha=c.alpha, modules=c.modules, use_rslora=c.use_rslora,
+                              refused=c.refused)
 
     # ------------------------------------------------------------------ serving
 
@@ -102,12 +109,14 @@ class TeacherService:
             if ours is not None and base_fingerprint != ours:
                 raise BaseMismatch(f"adapter was trained on base {base_fingerprint}, this teacher serves {ours}")
         adapter = parse_adapter(model_bytes, config_bytes, self._base_shapes)
-        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), step)
+        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), hashlib.sha256(config_bytes).hexdigest(), step)
         if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
             same = None  # latest serves the newest upload: an older twin must become the newest again
         if same is not None:
             # A client retrying an upload whose reply it lost: don't count the checkpoint twice.
-            log.info("upload repeats checkpoint %s (same weights and step): not stored again", same.checkpoint_id)
+            # The config is part of the key: the same weights under another alpha are another delta.
+            log.info("upload repeats checkpoint %s (same weights, config and step): not stored again",
+                     same.checkpoint_id)
             return same, False
         item = self.store.add(model_bytes, config_bytes, step, rank=adapter.rank, alpha=adapter.alpha,
                               use_rslora=adapter.use_rslora, modules=len(adapter.factors))
@@ -122,17 +131,24 @@ class TeacherService:
         """Remove a checkpoint. The served teacher keeps its weights until the next merge."""
         self.store.delete(checkpoint_id)
 
-    def _load(self, items: list[StoredCheckpoint]) -> list[Adapter]:
-        out = []
+    def _load(self, items: list[StoredCheckpoint]) -> tuple[list[Adapter], list[StoredCheckpoint]]:
+        """The adapters of `items` that still pass validation, and those items. A checkpoint
+        stored before a check existed (a poisoned one) is left out of every merge, loudly."""
+        adapters, kept = [], []
         for c in items:
             model_bytes, config_bytes = self.store.files(c.checkpoint_id)
-            out.append(parse_adapter(model_bytes, config_bytes, self._base_shapes))
-        return out
+            try:
+                adapters.append(parse_adapter(model_bytes, config_bytes, self._base_shapes))
+            except (InvalidInput, BaseMismatch) as e:
+                log.error("checkpoint %s fails validation and is left out of the merge: %s", c.checkpoint_id, e)
+                continue
+            kept.append(c)
+        return adapters, kept
 
     def _select(self, settings: MergeSettings) -> list[StoredCheckpoint]:
-        items = self.store.list()
-        if settings.method == "latest":  # the newest upload, whatever its step (a new run may restart at 1)
-            return [max(items, key=lambda c: c.seq)] if items else []
+        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), hashlib.sha256(config_bytes).hexdigest(), step)
+        if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
+            same = None  # latest serves the newest upload: an older twin must become the newest again
         return items[-settings.window:] if settings.window else items
 
     # ------------------------------------------------------------------ merging
@@ -151,6 +167,9 @@ class TeacherService:
             try:
                 items = self._select(self.settings)
                 report = self._build(items, self.settings, self.version + 1)
+            except MergeRefused as e:
+                self._refuse(e, items, quarantine=True)
+                raise
             except Exception as e:
                 self.last_merge_error = f"{type(e).__name__}: {e}"
                 raise
@@ -162,26 +181,27 @@ class TeacherService:
             self.last_merge_error = None
             return report
 
-    def _build(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int) -> MergeReport:
+    def _build(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int,
+               exact: bool = False) -> MergeReport:
+        """Merge `items` and serve the result as `version`. `exact`: every item must still pass
+        validation (a restart rebuilding a recorded version), else MergeRefused."""
         t0 = time.perf_counter()
-        if settings.method == "latest" and items:
-            # The policy role (DESIGN §3.4): W0 + this one adapter exactly, no merge. The backend
-            # picks how (vLLM: its LoRA path, the dense reload for what that path ignores).
-            (adapter,) = self._load(items[-1:])
-            load_s = time.perf_counter() - t0
-            stats = {"method": "latest", "checkpoints": 1, "step": items[-1].step,
-                     **self.backend.apply_adapter(adapter, version)}
-            return self._record(items[-1:], settings, version, stats, load_s, t0)
+        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), hashlib.sha256(config_bytes).hexdigest(), step)
+        if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
+            same = None  # latest serves the newest upload: an older twin must become the newest again
         if not items:
             delta, stats = None, {"method": settings.method, "checkpoints": 0}
         else:
-            adapters = self._load(items)
             weights = merge_weights(len(adapters), settings.weighting, settings.ema_alpha)
             result = merge_adapters(adapters, weights, settings.method, settings.density, settings.scale,
                                     device=self.merge_device)
             delta, stats = result.delta, result.stats
             stats["weights"] = [round(float(w), 6) for w in weights]
+            bad = [n for n, t in delta.items() if not bool(torch.isfinite(t).all())]
+            if bad:
+                raise MergeRefused(f"the merged delta is not finite in {len(bad)} parameters ({bad[:3]})")
         merge_s = time.perf_counter() - t0
+        # The backend probes the new weights before any request sees them (MergeRefused if not finite).
         self.backend.apply_delta(delta, version)
         return self._record(items, settings, version, stats, merge_s, t0)
 
@@ -191,6 +211,8 @@ class TeacherService:
         stats["merge_seconds"] = merge_s
         stats["apply_seconds"] = seconds - merge_s
         ids = [c.checkpoint_id for c in items]
+        # Norms of huge (still finite) deltas overflow: such a statistic is unknown, not a number.
+        stats = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
         report = MergeReport(version=version, seconds=seconds, stats=MergeStats(**stats), checkpoints=ids)
         with self._lock:
             self.version = version
@@ -200,6 +222,25 @@ class TeacherService:
         log.info("teacher version %d from %d checkpoints in %.2fs: %s", version, len(ids), seconds,
                  {k: v for k, v in stats.items() if k != "weights"})
         return report
+
+    def _refuse(self, e: MergeRefused, items: list[StoredCheckpoint], quarantine: bool = False) -> None:
+        """Record a refused merge: GET /v1/teacher reports it; the previous version keeps serving.
+
+        `quarantine`: the checkpoints new since the served version are the suspects; they are
+        marked refused and left out of later merges, so one bad upload does not block every
+        merge after it (the client may re-upload a fixed adapter).
+        """
+        refused = RefusedMerge(at=time.time(), reason=e.detail, checkpoints=[c.checkpoint_id for c in items])
+        if quarantine:
+            served = set(self.last_merge.checkpoints) if self.last_merge else set()
+            for c in items:
+                if c.checkpoint_id not in served:
+                    self.store.mark_refused(c.checkpoint_id)
+        with self._lock:
+            self.refused_merges += 1
+            self.last_refused_merge = refused
+        log.error("merge refused, still serving version %d: %s (checkpoints %s)", self.version, e.detail,
+                  refused.checkpoints)
 
     def _restore(self) -> None:
         """Rebuild the teacher version recorded in the store (same checkpoints, same settings)."""
@@ -220,21 +261,33 @@ class TeacherService:
             log.warning("state.json has unusable merge settings (%s): rebuilding with the current ones", e)
             settings = self.settings
         missing = [i for i in ids if i not in known]
-        if missing:
-            # The exact version cannot be rebuilt: build a new one from what the store holds.
-            log.warning("checkpoints %s of teacher version %d are gone; merging the store as version %d",
-                        missing, version, version + 1)
-            self.version = version
-            if self._mergeable:
-                self._build(self._select(self.settings), self.settings, version + 1)
-            return
-        items = [self.store.get(i) for i in ids]
-        if settings.method == "none" or not items:
+        items = [self.store.get(i) for i in ids if i in known]
+        if not missing and (settings.method == "none" or not items):
             self.backend.apply_delta(None, version)
             self.version = version
             return
-        self._build(items, settings, version)
-        log.info("restored teacher version %d from %d checkpoints", version, len(items))
+        try:
+            if not missing:
+                self._build(items, settings, version, exact=True)
+                log.info("restored teacher version %d from %d checkpoints", version, len(items))
+                return
+            log.warning("checkpoints %s of teacher version %d are gone; merging the store as version %d",
+                        missing, version, version + 1)
+        except MergeRefused as e:
+            # A recorded version that fails today's checks (stored before they existed) must not
+            # come back: build a new version from what passes them.
+            self._refuse(e, items)
+        # The exact version cannot be rebuilt: build a new one from what the store holds.
+        self.version = version
+        try:
+            if self._mergeable:
+                self._build(self._select(self.settings), self.settings, version + 1)
+                return
+        except MergeRefused as e:
+            self._refuse(e, self._select(self.settings))
+        self.backend.apply_delta(None, version + 1)  # the base, as a new version
+        self.version = version + 1
+        self.store.write_state({"version": self.version, "checkpoints": [], "settings": self.settings.model_dump()})
 
     def _loop(self) -> None:
         while not self._stop.is_set():

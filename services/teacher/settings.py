@@ -68,6 +68,9 @@ class TeacherSettings(StrictModel):
     """float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)."""
     merge: MergeSettings = Field(default_factory=MergeSettings)
     """How checkpoints are merged (flags --merge-method, --density, --weighting, ...)."""
+    w0_device: str | None = None
+    """hf backend: keep the base weights' copies (W0) on this device, e.g. cpu, and write W0 + tau
+    into the model module by module (default: beside the model, new weights built aside)."""
     merge_device: str = "cpu"
     """Device the merge computes on (cpu, or the GPU for speed when memory allows)."""
     max_upload_mb: float = Field(default=2048.0, gt=0)
@@ -90,6 +93,8 @@ class TeacherSettings(StrictModel):
         if self.backend == "openai":
             return {"model": self.model, "base_url": self.openai_base_url, "api_key_env": self.openai_api_key_env}
         out = {"model": self.model, "device": self.device, "dtype": self.dtype, "max_tokens": self.max_tokens}
+        if self.backend == "hf":
+            out["w0_device"] = self.w0_device
         if self.backend == "vllm":
             # The policy role syncs adapters through vLLM's LoRA (DESIGN §3.4).
             out["vllm"] = self.vllm.model_copy(update={"lora": True}) if self.merge.method == "latest" else self.vllm

@@ -48,6 +48,11 @@ class StoredCheckpoint:
     use_rslora: bool
     modules: int
     sha256: str
+    """Of the adapter weights."""
+    config_sha256: str | None = None
+    """Of the adapter config (None in stores written before it was recorded)."""
+    refused: bool = False
+    """A merge that first included it gave a non-finite teacher: left out of every merge since."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -97,10 +102,11 @@ class CheckpointStore:
             raise UnknownCheckpoint(f"no checkpoint {checkpoint_id!r}")
         return item
 
-    def find(self, sha256: str, step: int) -> StoredCheckpoint | None:
-        """The stored checkpoint with these exact adapter weights and step, if any."""
+    def find(self, sha256: str, config_sha256: str, step: int) -> StoredCheckpoint | None:
+        """The stored checkpoint with these exact adapter weights, config and step, if any."""
         with self._lock:
-            return next((c for c in self._items.values() if c.sha256 == sha256 and c.step == step), None)
+            return next((c for c in self._items.values()
+                         if (c.sha256, c.config_sha256, c.step) == (sha256, config_sha256, step)), None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -121,7 +127,8 @@ class CheckpointStore:
         item = StoredCheckpoint(checkpoint_id=cid, seq=seq, step=step, created=time.time(),
                                 bytes=len(model_bytes) + len(config_bytes), rank=rank, alpha=alpha,
                                 use_rslora=use_rslora, modules=modules,
-                                sha256=hashlib.sha256(model_bytes).hexdigest())
+                                sha256=hashlib.sha256(model_bytes).hexdigest(),
+                                config_sha256=hashlib.sha256(config_bytes).hexdigest())
         stage = self.tmp_dir / f"{cid}.{uuid.uuid4().hex}"
         try:
             stage.mkdir()
@@ -136,6 +143,15 @@ class CheckpointStore:
             self._items[cid] = item
         log.info("stored checkpoint %s (step %d, %d bytes)", cid, step, item.bytes)
         return item
+
+    def mark_refused(self, checkpoint_id: str) -> None:
+        """Flag a checkpoint as refused (its meta.json rewritten atomically)."""
+        item = self.get(checkpoint_id)
+        item.refused = True
+        tmp = self.tmp_dir / f"meta.{uuid.uuid4().hex}.json"
+        _fsync_write(tmp, json.dumps(asdict(item), indent=1).encode())
+        os.replace(tmp, self.ckpt_dir / checkpoint_id / META_FILE)
+        log.warning("checkpoint %s refused: left out of merges from now on", checkpoint_id)
 
     def delete(self, checkpoint_id: str) -> None:
         self.get(checkpoint_id)

@@ -10,15 +10,39 @@ merged delta `tau` per base parameter and hands it to `apply_delta`; the backend
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
-from services.teacher.errors import NonFiniteOutput
+from shared.chat import MAX_TEXT_BYTES, ChatInputError, PromptTooLarge, check_text
+from shared.codecs import CodecError
+from services.teacher.errors import InvalidInput, NonFiniteOutput, TooLarge
 
 if TYPE_CHECKING:
     from services.teacher.adapters import Adapter
+
+
+@contextmanager
+def client_input():
+    """Turn the input errors of shared.chat / shared.codecs into the teacher's typed errors."""
+    try:
+        yield
+    except PromptTooLarge as e:
+        raise TooLarge(str(e)) from e
+    except ChatInputError as e:
+        raise InvalidInput(str(e), "bad_prompt") from e
+    except CodecError as e:
+        raise InvalidInput(str(e), "bad_image") from e
+
+
+def completion_text(text: str, index: int) -> str:
+    """A completion given as text, checked like message text before it is tokenised."""
+    if len(text) > MAX_TEXT_BYTES or len(text.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
+        raise TooLarge(f"item {index}: completion_text exceeds {MAX_TEXT_BYTES} bytes")
+    with client_input():
+        return check_text(text, f"item {index}: completion_text")
 
 
 def check_finite(values: torch.Tensor | list[float], what: str) -> None:

@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from shared.chat import completion_logprobs, encode, encode_prompt
-from shared.codecs import CodecError
 from shared.models import load_model_and_processor, model_fingerprint, tokenizer_fingerprint, vision_token_ids
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
-from services.teacher.backends.base import TeacherBackend, check_finite
-from services.teacher.errors import InvalidInput, NotReady, TooLarge
+from services.teacher.backends.base import TeacherBackend, check_finite, client_input, completion_text
+from services.teacher.errors import InvalidInput, MergeRefused, NonFiniteOutput, NotReady, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,8 @@ class _Sampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
         logits = scores.float()
+        if not bool(torch.isfinite(logits).all()):  # multinomial would fail, argmax would lie
+            raise NonFiniteOutput("the model's logits are not finite: the served weights or this input overflow")
         forced = torch.full_like(logits, float("-inf"))
         for i, it in enumerate(self.items):
             if step >= it.max_new_tokens:
@@ -97,9 +98,15 @@ class HFBackend(TeacherBackend):
     name = "hf"
 
     def __init__(self, model: str | Path, device: str | None = None, dtype: str | None = None,
-                 max_tokens: int = 65536, loaded: tuple[Any, Any] | None = None, **_: Any):
+                 max_tokens: int = 65536, loaded: tuple[Any, Any] | None = None, w0_device: str | None = None,
+                 **_: Any):
         """`max_tokens`: the most padded tokens (batch x width) one request may score or generate.
-        `loaded`: an already loaded (model, processor) pair (tests share one)."""
+        `loaded`: an already loaded (model, processor) pair (tests share one).
+        `w0_device`: where the copies of the base weights W0 live. None: beside the model, and a
+        merge builds the new weights aside and swaps them in (requests never wait; peak memory
+        model + W0 copies + new tensors). A device (`cpu`): W0 stays there, and a merge writes
+        W0 + tau into the live weights module by module, under the request lock (requests wait
+        for the copy; the model's device holds no W0 copy and no second set of weights)."""
         self.model_dir = str(model)
         if loaded is None:
             loaded = load_model_and_processor(model, device=device, dtype=dtype)
@@ -121,6 +128,8 @@ class HFBackend(TeacherBackend):
         if tied:
             log.info("tied parameters are not mergeable (a delta would change both uses): %s", sorted(tied))
         self._w0: dict[str, torch.Tensor] = {}
+        self._w0_device = torch.device(w0_device) if w0_device else None
+        self._probe_batch = self._probe_inputs()
 
     # ------------------------------------------------------------------ identity
 
@@ -176,16 +185,28 @@ class HFBackend(TeacherBackend):
     # ------------------------------------------------------------------ weights
 
     def apply_delta(self, delta: dict[str, torch.Tensor] | None, version: int) -> None:
+        """Serve W0 + delta as `version`. Before any request sees the new weights, a probe forward
+        must give finite log-probs; otherwise the previous weights are restored and MergeRefused
+        raised (the previous version keeps serving)."""
         delta = delta or {}
         unknown = [n for n in delta if n not in self._shapes]
         if unknown:
             raise InvalidInput(f"delta names parameters the model lacks: {unknown[:5]}", "bad_delta")
+        for name, tau in delta.items():
+            if tuple(tau.shape) != tuple(self._params[name].shape):
+                raise InvalidInput(f"{name}: delta {tuple(tau.shape)} vs parameter "
+                                   f"{tuple(self._params[name].shape)}", "bad_delta")
+        if self._w0_device is None:
+            self._swap_in(delta, version)
+        else:
+            self._write_in_place(delta, version)
+        log.info("serving version %d (%d parameters changed from the base)", version, len(delta))
+
+    def _swap_in(self, delta: dict[str, torch.Tensor], version: int) -> None:
         # Build the new tensors aside; requests keep running on the current weights meanwhile.
         new: dict[str, torch.Tensor] = {}
         for name, tau in delta.items():
             p = self._params[name]
-            if tuple(tau.shape) != tuple(p.shape):
-                raise InvalidInput(f"{name}: delta {tuple(tau.shape)} vs parameter {tuple(p.shape)}", "bad_delta")
             if name not in self._w0:
                 self._w0[name] = p.detach().clone()
             w0 = self._w0[name]
@@ -194,18 +215,72 @@ class HFBackend(TeacherBackend):
             if name not in new:  # touched before, not now: back to W0
                 new[name] = self._w0[name]
         with self._lock:
+            old = {name: self._params[name].data for name in new}
             for name, t in new.items():
                 self._params[name].data = t
+            try:
+                self._probe()
+            except MergeRefused:
+                for name, t in old.items():
+                    self._params[name].data = t
+                raise
             self._version = version
-        log.info("serving version %d (%d parameters changed from the base)", version, len(delta))
+
+    def _write_in_place(self, delta: dict[str, torch.Tensor], version: int) -> None:
+        """W0 on `w0_device`: each touched parameter becomes W0 + tau in place, one at a time, so
+        the model's device holds one module's temporaries at most. Under the lock: a request sees
+        the old weights or the new ones, never a mix. The previous values go to the CPU for a
+        rollback until the probe has passed."""
+        names = list(delta) + [n for n in self._w0 if n not in delta]
+        saved: dict[str, torch.Tensor] = {}
+        with self._lock:
+            try:
+                for name in names:
+                    p = self._params[name]
+                    if name not in self._w0:
+                        self._w0[name] = p.detach().to(self._w0_device, copy=True)
+                    saved[name] = p.detach().to("cpu", copy=True)
+                    w = self._w0[name].to(p.device, torch.float32)
+                    if name in delta:
+                        w.add_(delta[name].to(device=p.device, dtype=torch.float32))
+                    p.data.copy_(w)
+                    del w
+                self._probe()
+            except BaseException:
+                for name, t in saved.items():
+                    self._params[name].data.copy_(t)
+                raise
+            self._version = version
+
+    def _probe_inputs(self):
+        """A short chat with a small image and a few completion tokens: run after every merge
+        (the language model and the vision tower both take part)."""
+        from PIL import Image
+
+        from shared.codecs import image_to_b64
+
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image_to_b64(Image.new("RGB", (56, 56),
+                                                                                                (90, 30, 200)))},
+                                             {"type": "text", "text": "probe: which action?"}]}]
+        try:
+            prompt = encode_prompt(self.processor, msgs)
+        except Exception:  # noqa: BLE001 - a text-only model: probe with text alone
+            prompt = encode_prompt(self.processor, [{"role": "user", "content": "probe: which action?"}])
+        ids = self.tokenizer('{"action": "+"}', add_special_tokens=False)["input_ids"][:8] or [0]
+        return encode(self.processor, [prompt], [ids], device=self.device)
+
+    def _probe(self) -> None:
+        """Raise MergeRefused unless the current weights give finite log-probs (caller holds the lock)."""
+        with torch.inference_mode():
+            lps, _ = completion_logprobs(self.model, self._probe_batch)
+        if not bool(torch.isfinite(lps[0]).all()):
+            raise MergeRefused("a probe forward under the merged weights gave non-finite log-probs")
 
     # ------------------------------------------------------------------ scoring
 
     def _prompt(self, messages) -> dict[str, torch.Tensor]:
-        try:
+        with client_input():
             return encode_prompt(self.processor, [m.model_dump() for m in messages])
-        except CodecError as e:
-            raise InvalidInput(str(e), "bad_image") from e
 
     def _completion_ids(self, item: LogitsItem, index: int) -> list[int]:
         if item.completion_ids is not None:
@@ -215,7 +290,7 @@ class HFBackend(TeacherBackend):
                 raise InvalidInput(f"item {index}: token ids {bad[:5]} are outside the vocabulary "
                                    f"(size {self._vocab})", "bad_token")
         else:
-            ids = self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(completion_text(item.completion_text, index), add_special_tokens=False)["input_ids"]
         vis = sorted(set(ids) & set(self._vision_ids))
         if vis:
             raise InvalidInput(f"item {index}: completion holds vision special tokens {vis}", "bad_token")

@@ -37,12 +37,11 @@ from typing import Any
 
 import torch
 
-from services.teacher.backends.base import TeacherBackend, check_finite
+from services.teacher.backends.base import TeacherBackend, check_finite, client_input, completion_text
 from services.teacher.backends.vllm_worker import checkpoint_files
 from services.teacher.errors import InvalidInput, TooLarge
 from services.teacher.settings import VllmSettings
 from shared.chat import split_messages
-from shared.codecs import CodecError
 from shared.models import model_fingerprint, tokenizer_fingerprint, vision_token_ids
 from shared.schemas import GenerateItem, GenerateResult, LogitsItem, LogitsResult
 
@@ -310,10 +309,8 @@ class VLLMBackend(TeacherBackend):
 
     def _prompt_ids(self, messages) -> tuple[list[int], list]:
         """Chat -> (token ids with ONE `<|image_pad|>` per image, PIL images)."""
-        try:
+        with client_input():
             template_messages, images = split_messages([m.model_dump() for m in messages])
-        except CodecError as e:
-            raise InvalidInput(str(e), "bad_image") from e
         text = self.processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
         ids = list(self.tokenizer(text)["input_ids"])
         if images and not self.is_vl:
@@ -333,7 +330,7 @@ class VLLMBackend(TeacherBackend):
         if item.completion_ids is not None:
             ids = list(item.completion_ids)
         else:
-            ids = list(self.tokenizer(item.completion_text, add_special_tokens=False)["input_ids"])
+            ids = list(self.tokenizer(completion_text(item.completion_text, index), add_special_tokens=False)["input_ids"])
         bad = [i for i in ids if not 0 <= i < self._vocab]
         if bad:
             raise InvalidInput(f"item {index}: token ids {bad[:5]} are outside the vocabulary "
