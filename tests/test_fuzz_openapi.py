@@ -98,17 +98,22 @@ def _spec(name: str) -> dict:
 # Routes whose error codes their owner has not declared in the OpenAPI yet (404, 409, 429, ...,
 # and the teacher's multipart upload body). Their status codes are checked by a strict xfail
 # test of their own; whoever declares them deletes the route here in the same commit.
-TEACHER = "teacher helper (wt/teacher)"
-PENDING = {
-    ("teacher", "POST /v1/checkpoints"): TEACHER,
-    ("teacher", "POST /v1/logits"): TEACHER,
-    ("teacher", "POST /v1/generate"): TEACHER,
-    ("teacher", "DELETE /v1/checkpoints/{checkpoint_id}"): TEACHER,
-}
+PENDING: dict[tuple[str, str], str] = {}
 # Pydantic's lax mode reads 0 as false and "3" as 3 (models shared with Python clients that pass
 # numpy ints); schemathesis counts that as accepting a schema-violating request. Everything else
 # is checked: never a 5xx, status codes, content types, bodies and headers as declared.
 EXCLUDED = [schemathesis.checks.negative_data_rejection]
+# The teacher's bodies carry content a schema cannot describe: "a safetensors file whose LoRA
+# tensors fit the base model", "a base64 PNG", "token ids inside this model's vocabulary", "one
+# of completion_ids / completion_text". Schema-valid random data there is rightly refused (400,
+# 422), so "valid data is accepted" is not checked on these routes; every other check is (no
+# 5xx, declared status codes, response bodies and headers).
+OPAQUE = {("POST", "/v1/checkpoints"), ("POST", "/v1/logits"), ("POST", "/v1/generate")}
+OPAQUE_EXCLUDED = [*EXCLUDED, schemathesis.checks.positive_data_acceptance]
+
+
+def _excluded(case) -> list:
+    return OPAQUE_EXCLUDED if (case.method, case.path) in OPAQUE else EXCLUDED
 
 
 def _apis(service: str):
@@ -133,7 +138,7 @@ def test_env_service_openapi(case, env_url):
 @teacher_api.parametrize()
 @FUZZ
 def test_teacher_service_openapi(case, teacher_url):
-    case.call_and_validate(base_url=teacher_url, excluded_checks=EXCLUDED, timeout=60)
+    case.call_and_validate(base_url=teacher_url, excluded_checks=_excluded(case), timeout=60)
 
 
 @trainer_api.parametrize()

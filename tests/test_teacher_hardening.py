@@ -129,3 +129,41 @@ def test_a_10mb_prompt_is_refused_before_tokenising(tiny_model_dir, tmp_path):
             assert r.status_code == 413 and "bytes" in r.json()["detail"], r.text
         r = c.post("/v1/logits", json={"items": [{"messages": CHATS[1], "completion_text": big}]})
         assert r.status_code == 413 and "completion_text" in r.json()["detail"], r.text
+
+
+def test_an_upload_over_the_limit_stops_being_read_at_the_limit():
+    import asyncio
+
+    from starlette.datastructures import Headers
+
+    from services.teacher.app import MULTIPART_OVERHEAD, read_upload
+    from services.teacher.errors import TooLarge
+
+    mb = 1 << 20
+    read = 0
+
+    async def body():  # a chunked 64 MB upload without a Content-Length
+        nonlocal read
+        yield b'--b\r\nContent-Disposition: form-data; name="adapter_model"; filename="a"\r\n\r\n'
+        for _ in range(64):
+            read += mb
+            yield b"\0" * mb
+
+    headers = Headers({"content-type": "multipart/form-data; boundary=b"})
+    with pytest.raises(TooLarge):
+        asyncio.run(read_upload(headers, body(), 4 * mb))
+    assert read <= 4 * mb + MULTIPART_OVERHEAD + mb  # stopped at the limit, not after 64 MB
+
+
+def test_the_openapi_declares_the_upload_body_and_the_error_codes(tiny_model_dir, tmp_path):
+    spec = create_app(settings(tiny_model_dir, tmp_path / "store")).openapi()  # no model loaded for this
+    upload_op = spec["paths"]["/v1/checkpoints"]["post"]
+    form = upload_op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["required"]) == {"adapter_model", "adapter_config", "step"}
+    assert form["properties"]["adapter_model"]["format"] == "binary"
+    declared = {(p, m): set(op["responses"]) for p, ops in spec["paths"].items() for m, op in ops.items()}
+    assert {"400", "409", "413", "501", "507"} <= declared[("/v1/checkpoints", "post")]
+    assert {"400", "409", "413", "501", "503"} <= declared[("/v1/logits", "post")]
+    assert {"400", "413", "502", "503"} <= declared[("/v1/generate", "post")]
+    assert {"404"} <= declared[("/v1/checkpoints/{checkpoint_id}", "delete")]
+    assert {"409"} <= declared[("/v1/merge", "post")]

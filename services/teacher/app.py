@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
                             GenerateResponse, Health, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
 from shared.codecs import CodecError
-from shared.server import ErrorTable, install_common, install_error_handlers, metrics_response, require_token
+from shared.server import ErrorTable, error_responses, install_common, install_error_handlers, metrics_response, require_token
 from services.teacher.backends import TeacherBackend, make_backend
 from services.teacher.errors import (BaseMismatch, InvalidInput, MergeRefused, NonFiniteOutput, NotReady, StoreFailed,
                                      TooLarge, UnknownCheckpoint, Unsupported, UpstreamError)
@@ -131,7 +134,7 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
     def healthz() -> Health:
         return Health(service="teacher")
 
-    @app.get("/readyz", response_model=Health)
+    @app.get("/readyz", response_model=Health, responses=error_responses(503))
     def readyz(svc: Service) -> Health:
         """Ready when the backend answers a one-token forward (hf/vllm) or its endpoint (openai)."""
         try:
@@ -150,56 +153,38 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
             metrics.checkpoints.set(len(svc.store))
         return metrics_response(metrics.registry)
 
-    @app.get("/v1/teacher", response_model=TeacherInfo)
+    @app.get("/v1/teacher", response_model=TeacherInfo, responses=error_responses(503))
     def teacher_info(svc: Service) -> TeacherInfo:
         """The served version, backend, base model, tokenizer fingerprint and merge settings."""
         return svc.info()
 
-    @app.post("/v1/checkpoints", response_model=CheckpointUploadResponse, dependencies=[Depends(require_token)])
+    @app.post("/v1/checkpoints", response_model=CheckpointUploadResponse, dependencies=[Depends(require_token)],
+              openapi_extra={"requestBody": UPLOAD_BODY}, responses=error_responses(400, 409, 413, 501, 503, 507))
     async def upload_checkpoint(request: Request, svc: Service) -> CheckpointUploadResponse:
         """Upload a peft LoRA adapter (multipart: files `adapter_model`, `adapter_config`; field `step`).
 
         `curl -F adapter_model=@adapter_model.safetensors -F adapter_config=@adapter_config.json
         -F step=3 http://127.0.0.1:8200/v1/checkpoints`
         """
-        limit = svc.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart overhead allowance
-            raise TooLarge(f"upload of {length} bytes exceeds the limit of {limit}")
-        try:
-            form = await request.form(max_files=2, max_fields=4)
-        except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken multipart body
-            raise InvalidInput(f"expected multipart/form-data: {e}") from e
-        try:
-            model_bytes = await _read_part(form, "adapter_model", limit)
-            config_bytes = await _read_part(form, "adapter_config", limit)
-            step_raw = form.get("step")
-            if step_raw is None or isinstance(step_raw, UploadFile):
-                raise InvalidInput("form field `step` (int) is required")
-            try:
-                step = int(step_raw)
-            except ValueError as e:
-                raise InvalidInput(f"step must be an integer, got {step_raw!r}") from e
-            fp = form.get("base_fingerprint")
-            fp = fp if isinstance(fp, str) and fp else None
-        finally:
-            await form.close()
-        item, scheduled = await run_in_threadpool(svc.add_checkpoint, model_bytes, config_bytes, step, fp)
+        up = await read_upload(request.headers, request.stream(), svc.max_upload_bytes)
+        item, scheduled = await run_in_threadpool(svc.add_checkpoint, up.model_bytes, up.config_bytes, up.step,
+                                                  up.base_fingerprint)
         metrics.checkpoints.set(len(svc.store))
         return CheckpointUploadResponse(checkpoint_id=item.checkpoint_id, merge_scheduled=scheduled)
 
-    @app.get("/v1/checkpoints", response_model=CheckpointList)
+    @app.get("/v1/checkpoints", response_model=CheckpointList, responses=error_responses(503))
     def list_checkpoints(svc: Service) -> CheckpointList:
         return CheckpointList(checkpoints=[svc.checkpoint_info(c) for c in svc.store.list()])
 
     @app.delete("/v1/checkpoints/{checkpoint_id}", response_model=ActionResponse,
-                dependencies=[Depends(require_token)])
+                dependencies=[Depends(require_token)], responses=error_responses(404, 503))
     def delete_checkpoint(checkpoint_id: str, svc: Service) -> ActionResponse:
         """Remove a checkpoint from the store; the served teacher changes at the next merge."""
         svc.delete_checkpoint(checkpoint_id)
         return ActionResponse(detail=f"deleted {checkpoint_id}")
 
-    @app.post("/v1/merge", response_model=MergeReport, dependencies=[Depends(require_token)])
+    @app.post("/v1/merge", response_model=MergeReport, dependencies=[Depends(require_token)],
+              responses=error_responses(409, 503))
     def merge(svc: Service) -> MergeReport:
         """Merge now; returns the new version and the merge statistics."""
         report = svc.merge_now()
@@ -207,7 +192,7 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
         metrics.version.set(svc.version)
         return report
 
-    @app.post("/v1/logits", response_model=LogitsResponse)
+    @app.post("/v1/logits", response_model=LogitsResponse, responses=error_responses(400, 409, 413, 501, 503))
     def logits(req: LogitsRequest, svc: Service) -> LogitsResponse:
         """The teacher's log-prob of each given completion token (one forward, fp32 log-softmax).
 
@@ -217,7 +202,7 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
         metrics.tokens.inc(sum(len(r.token_ids) for r in items))
         return LogitsResponse(teacher_version=version, items=items)
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=error_responses(400, 413, 502, 503))
     def generate(req: GenerateRequest, svc: Service) -> GenerateResponse:
         """Sample (or greedy at temperature 0) a completion per item, with per-token log-probs.
 
@@ -228,6 +213,77 @@ def create_app(settings: TeacherSettings | None = None, backend: TeacherBackend 
         return GenerateResponse(teacher_version=version, items=items)
 
     return app
+
+
+MULTIPART_OVERHEAD = 64 * 1024
+"""Bytes of boundaries, part headers and form fields allowed on top of the upload limit."""
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["adapter_model", "adapter_config", "step"],
+        "properties": {
+            "adapter_model": {"type": "string", "format": "binary",
+                              "description": "adapter_model.safetensors as peft's save_pretrained writes it"},
+            "adapter_config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+            "step": {"type": "integer", "minimum": 0, "description": "the trainer's update number"},
+            "base_fingerprint": {"type": "string",
+                                 "description": "shared.models.model_fingerprint of the base it was trained on"},
+        },
+    }}},
+}
+"""The multipart body of POST /v1/checkpoints, declared for /docs and the fuzzer (the route reads
+the raw stream itself, so FastAPI cannot infer it)."""
+
+
+@dataclass
+class Upload:
+    model_bytes: bytes
+    config_bytes: bytes
+    step: int
+    base_fingerprint: str | None
+
+
+async def _capped(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body, refused with TooLarge as soon as it passes `limit` bytes: a 1.1 GB
+    chunked upload stops at the limit instead of being read (and spooled) whole first."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise TooLarge(f"upload exceeds the limit of {limit} bytes (multipart overhead included)")
+        yield chunk
+
+
+async def read_upload(headers: Headers, stream: AsyncIterator[bytes], limit: int) -> Upload:
+    """Parse the multipart upload while counting its bytes (DESIGN §3.2's form: files
+    `adapter_model`, `adapter_config`; fields `step`, optional `base_fingerprint`)."""
+    length = headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+        raise TooLarge(f"upload of {length} bytes exceeds the limit of {limit}")
+    if not headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidInput("expected multipart/form-data with files adapter_model, adapter_config and field step")
+    parser = MultiPartParser(headers, _capped(stream, limit + MULTIPART_OVERHEAD), max_files=2, max_fields=4)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidInput(f"malformed multipart body: {e.message}") from e
+    try:
+        model_bytes = await _read_part(form, "adapter_model", limit)
+        config_bytes = await _read_part(form, "adapter_config", limit)
+        step_raw = form.get("step")
+        if step_raw is None or isinstance(step_raw, UploadFile):
+            raise InvalidInput("form field `step` (int) is required")
+        try:
+            step = int(step_raw)
+        except ValueError as e:
+            raise InvalidInput(f"step must be an integer, got {step_raw[:40]!r}") from e
+        fp = form.get("base_fingerprint")
+        fp = fp if isinstance(fp, str) and fp else None
+    finally:
+        await form.close()
+    return Upload(model_bytes, config_bytes, step, fp)
 
 
 async def _read_part(form, name: str, limit: int) -> bytes:
