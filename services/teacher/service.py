@@ -146,9 +146,9 @@ class TeacherService:
         return adapters, kept
 
     def _select(self, settings: MergeSettings) -> list[StoredCheckpoint]:
-        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), hashlib.sha256(config_bytes).hexdigest(), step)
-        if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
-            same = None  # latest serves the newest upload: an older twin must become the newest again
+        items = [c for c in self.store.list() if not c.refused]
+        if settings.method == "latest":  # the newest upload, whatever its step (a new run may restart at 1)
+            return [max(items, key=lambda c: c.seq)] if items else []
         return items[-settings.window:] if settings.window else items
 
     # ------------------------------------------------------------------ merging
@@ -186,9 +186,18 @@ class TeacherService:
         """Merge `items` and serve the result as `version`. `exact`: every item must still pass
         validation (a restart rebuilding a recorded version), else MergeRefused."""
         t0 = time.perf_counter()
-        same = self.store.find(hashlib.sha256(model_bytes).hexdigest(), hashlib.sha256(config_bytes).hexdigest(), step)
-        if same is not None and self.settings.method == "latest" and same.seq != max(c.seq for c in self.store.list()):
-            same = None  # latest serves the newest upload: an older twin must become the newest again
+        adapters, kept = self._load(items)
+        if exact and len(kept) != len(items):
+            bad = sorted({c.checkpoint_id for c in items} - {c.checkpoint_id for c in kept})
+            raise MergeRefused(f"checkpoints {bad} of version {version} fail validation")
+        items = kept
+        if settings.method == "latest" and items:
+            # The policy role (DESIGN §3.4): W0 + this one adapter exactly, no merge. The backend
+            # picks how (vLLM: its LoRA path, the dense reload for what that path ignores).
+            load_s = time.perf_counter() - t0
+            stats = {"method": "latest", "checkpoints": 1, "step": items[-1].step,
+                     **self.backend.apply_adapter(adapters[-1], version)}
+            return self._record(items[-1:], settings, version, stats, load_s, t0)
         if not items:
             delta, stats = None, {"method": settings.method, "checkpoints": 0}
         else:

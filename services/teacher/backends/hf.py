@@ -240,7 +240,7 @@ class HFBackend(TeacherBackend):
                     if name not in self._w0:
                         self._w0[name] = p.detach().to(self._w0_device, copy=True)
                     saved[name] = p.detach().to("cpu", copy=True)
-                    w = self._w0[name].to(p.device, torch.float32)
+                    w = self._w0[name].to(p.device, torch.float32, copy=True)  # never alias W0: add_ below
                     if name in delta:
                         w.add_(delta[name].to(device=p.device, dtype=torch.float32))
                     p.data.copy_(w)
