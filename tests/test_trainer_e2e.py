@@ -123,6 +123,37 @@ def test_resume_gives_the_same_weights(tmp_path, sft_model, env_url):
     assert straight[1]["ppo/pg_loss"] == resumed[1]["ppo/pg_loss"]
 
 
+def test_one_seed_gives_identical_guided_runs_despite_a_slow_background_merge(tmp_path, sft_model, env_url,
+                                                                              monkeypatch):
+    """Two short KL runs with one seed give identical metrics (each against a fresh teacher).
+    The teacher merges in the background; slowed to 5 s here, each update must still be guided
+    by the merge of the previous update's checkpoint (teacher.await_merge_s), not by whichever
+    version the teacher happens to serve when asked."""
+    import time
+
+    from services.teacher.service import TeacherService
+
+    merge_now = TeacherService.merge_now
+
+    def slow_merge(self):
+        time.sleep(5)
+        return merge_now(self)
+
+    monkeypatch.setattr(TeacherService, "merge_now", slow_merge)
+    runs = []
+    for name in ("a", "b"):
+        with running_services(sft_model["out"], tmp_path / f"store-{name}", teacher=True, env=False) as (_, url):
+            cfg = _cfg(tmp_path, sft_model["out"], env_url, url, "kl", f"run_dir={tmp_path / name}", "updates=3",
+                       "env.num_steps=2", "teacher.wait_for_merge_s=0", "logging.tensorboard=false")
+            train(cfg)
+        runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "seconds_"))}
+                     for r in _metrics(cfg.run_dir)])
+    a, b = runs
+    assert [r["teacher/version"] for r in a] == [0, 1, 2]
+    assert any(r["teacher/guided_frac"] > 0 for r in a)
+    assert a == b
+
+
 def test_teacher_unreachable_runs_unguided_and_says_so(tmp_path, sft_model, env_url, caplog):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = _cfg(tmp_path, sft_model["out"], env_url, dead, "kl", "updates=1", "teacher.retries=1")

@@ -316,3 +316,37 @@ def test_no_parseable_thought_no_teacher_request(policy):
         m = kl_guidance(link, steps, cfg)
     assert requests == [] and all(s.kl is None for s in steps)
     assert m["teacher/kl_mean"] == 0.0 and m["teacher/guided_frac"] == 0.0 and m["teacher/version"] == 5
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def test_sampled_eval_is_seeded_from_its_eval_seeds(policy, monkeypatch):
+    from services.trainer.evaluate import evaluate
+    from tests.trainer_services import running_services
+
+    sampled: list[list[list[int]]] = []
+    generate = policy.generate
+
+    def recording(prompts, *a, **k):
+        out = generate(prompts, *a, **k)
+        sampled[-1].extend(out)
+        return out
+
+    monkeypatch.setattr(policy, "generate", recording)
+    reports = []
+    with running_services(None, None, teacher=False) as (env_url, _):
+        for global_seed in (1, 2):  # the caller's RNG state must not matter ...
+            torch.manual_seed(global_seed)
+            before = torch.get_rng_state()
+            sampled.append([])
+            reports.append(evaluate("unused", env_url, "numberline", episodes=3, greedy=False, temperature=1.0,
+                                    max_new_tokens=8, max_steps=2, seed=500, num_envs=2, policy=policy))
+            assert torch.equal(torch.get_rng_state(), before)  # ... and is left as it was
+        sampled.append([])
+        evaluate("unused", env_url, "numberline", episodes=3, greedy=False, temperature=1.0, max_new_tokens=8,
+                 max_steps=2, seed=501, num_envs=2, policy=policy)
+    assert sampled[0] == sampled[1] and len(sampled[0]) >= 3
+    assert sampled[2] != sampled[0]  # another eval seed, other samples
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in reports]
+    assert strip[0] == strip[1]

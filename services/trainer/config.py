@@ -221,6 +221,9 @@ class TrainConfig(StrictModel):
     resume: bool = False
     save_every: int = Field(default=1, ge=1)
     """Save a resumable checkpoint every N updates (and always at the end)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) for the run: what a seeded run on GPU needs (with
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment). A seeded CPU run is reproducible without it."""
 
     @model_validator(mode="after")
     def _check(self):

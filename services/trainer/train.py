@@ -71,6 +71,10 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
         dump_config(cfg, run_dir / "config.yaml")
     board = board or StatusBoard(cfg.updates, str(run_dir), cfg.guidance.mode)
     guidance = make_guidance(cfg)
+    if cfg.deterministic:
+        # cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before CUDA starts, or deterministic ops raise.
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     board.loop_alive.set()
     policy = pool = link = writer = sampler = None
     try:
