@@ -123,6 +123,7 @@ def test_resume_gives_the_same_weights(tmp_path, sft_model, env_url):
     assert straight[1]["ppo/pg_loss"] == resumed[1]["ppo/pg_loss"]
 
 
+@pytest.mark.timeout(1200)  # two runs and two teachers; the SFT fixture may be built here first
 def test_one_seed_gives_identical_guided_runs_despite_a_slow_background_merge(tmp_path, sft_model, env_url,
                                                                               monkeypatch):
     """Two short KL runs with one seed give identical metrics (each against a fresh teacher).
@@ -144,7 +145,8 @@ def test_one_seed_gives_identical_guided_runs_despite_a_slow_background_merge(tm
     for name in ("a", "b"):
         with running_services(sft_model["out"], tmp_path / f"store-{name}", teacher=True, env=False) as (_, url):
             cfg = _cfg(tmp_path, sft_model["out"], env_url, url, "kl", f"run_dir={tmp_path / name}", "updates=3",
-                       "env.num_steps=2", "teacher.wait_for_merge_s=0", "logging.tensorboard=false")
+                       "env.num_envs=4", "env.num_steps=2", "teacher.wait_for_merge_s=0", "logging.tensorboard=false",
+                       "ppo.minibatch_size=8", "ppo.micro_batch_size=8")
             train(cfg)
         runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "seconds_"))}
                      for r in _metrics(cfg.run_dir)])

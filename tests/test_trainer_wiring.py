@@ -227,7 +227,7 @@ def test_cosine_schedule_spans_the_whole_run_through_make_optimizer(tiny_model_d
 
 ANSWERS = ['{"thoughts": "the target is right of me", "action": "+"}',  # guided
            'I am not sure.',                                              # unparseable: no KL
-           '{"action": "-", "thoughts": "after the action"}',             # no thought before the action
+           'Here: {"action": "-", "thoughts": "after the action"}',       # tokens before the key, no thought
            '{"thoughts": "step back", "action": "-"}']                    # guided
 
 
@@ -272,6 +272,7 @@ def test_kl_temperature_reaches_both_sides_and_unguided_steps_get_no_kl(policy, 
     rollout = collect(policy, ScriptedPool(4), cfg, update=1)
     steps = rollout.flat()
     assert [s.thought_ok for s in steps] == [True, False, False, True]
+    assert steps[2].n_thought > 0  # a span before the "action" key, but no "thoughts" in it: not guided
     # Student side: the thought tokens' log-probs at the KL temperature, from the unmasked distribution.
     for s, comp in zip(steps, answers, strict=True):
         ref = _reference_logprobs(policy, s.prompt, comp, want_t)[:s.n_thought]
@@ -350,3 +351,41 @@ def test_sampled_eval_is_seeded_from_its_eval_seeds(policy, monkeypatch):
     assert sampled[2] != sampled[0]  # another eval seed, other samples
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in reports]
     assert strip[0] == strip[1]
+
+
+# ------------------------------------------------------------------------------------ merges
+
+
+def _info(version, **kw):
+    return {"version": version, "backend": "hf", "base_model": "tiny", "tokenizer_fingerprint": "fp", "merge": {},
+            "checkpoints": 1, **kw}
+
+
+@contextmanager
+def _merging_teacher(infos: list[dict]):
+    """A teacher whose /v1/teacher answers `infos` in turn (the last one from then on)."""
+    polls = []
+
+    def handler(method, path, body):
+        polls.append(path)
+        return 200, infos[min(len(polls), len(infos)) - 1]
+
+    cfg = TrainConfig(teacher={"retries": 0, "await_merge_s": 30})
+    with serve(handler) as url, TeacherClient(url, retries=0, backoff=0.01) as client:
+        yield TeacherLink(cfg, client=client), polls
+
+
+def test_the_next_update_waits_for_the_pushed_merge_and_not_for_a_failed_one():
+    import time
+
+    with _merging_teacher([_info(0, merge_running=True), _info(0, merge_running=True), _info(1)]) as (link, polls):
+        link.await_pushed_merge()
+        assert polls == []  # nothing pushed: nothing to wait for
+        link.merge_above = 0
+        link.await_pushed_merge()
+        assert len(polls) == 3 and link.merge_above is None  # until version 1 was served
+    with _merging_teacher([_info(0, last_merge_error="ValueError: bad adapter")]) as (link, polls):
+        link.merge_above = 0
+        t0 = time.monotonic()
+        link.await_pushed_merge()  # the merge failed: the old version serves, no 30 s wait
+        assert time.monotonic() - t0 < 10 and len(polls) == 1

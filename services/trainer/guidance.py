@@ -265,14 +265,26 @@ class TeacherLink:
 
     def await_pushed_merge(self) -> None:
         """Before asking the teacher: wait (teacher.await_merge_s) for the merge the last push
-        scheduled, so this update is guided by the same version in every run with this seed."""
+        scheduled, so this update is guided by the same version in every run with this seed.
+        Gives up at once when the teacher is unreachable (the guidance then says so) or reports
+        that merge failed (it keeps serving the old version)."""
         above, self.merge_above = self.merge_above, None
         if above is None or self.settings.await_merge_s <= 0:
             return
-        v = self.wait_for_version(above, self.settings.await_merge_s)
-        if v is None or v <= above:
-            log.warning("the teacher did not serve the merge of the last checkpoint within %.0fs (version %s): this "
-                        "update is guided by the older version", self.settings.await_merge_s, v)
+        deadline = time.monotonic() + self.settings.await_merge_s
+        while True:
+            info = self.info()
+            if info is None or info.version > above:
+                return
+            if info.last_merge_error and not info.merge_running:
+                log.warning("the teacher's merge failed (%s): this update is guided by version %d",
+                            info.last_merge_error, info.version)
+                return
+            if time.monotonic() >= deadline:
+                log.warning("the teacher did not serve the merge of the last checkpoint within %.0fs: this update "
+                            "is guided by version %d", self.settings.await_merge_s, info.version)
+                return
+            time.sleep(0.1)
 
     def wait_for_version(self, above: int, timeout_s: float) -> int | None:
         """Poll /v1/teacher until every replica's version exceeds `above` (a scheduled merge landed);
