@@ -1,4 +1,4 @@
-"""`gtr up` and `gtr demo`."""
+"""`gtr up`, `gtr demo` and `gtr experiment`."""
 
 from __future__ import annotations
 
@@ -146,3 +146,7 @@ def register(sub) -> None:
     d.add_argument("--teacher-port", type=int, default=8210)
     d.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test of the pipeline)")
     d.set_defaults(func=_demo)
+
+    from services.launcher.experiment import register as register_experiment
+
+    register_experiment(sub)

@@ -41,14 +41,13 @@ def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from services.launcher.pipeline import prepare_base
     from services.launcher.plot import plot_metrics
     from services.launcher.procs import PortInUse, ProcessGroup, ServiceDied, check_ports, gtr_argv, stop_on_signals
     from services.trainer.config import TrainConfig
     from services.trainer.evaluate import evaluate
-    from services.trainer.sft_init import SFTConfig, run_sft
     from services.trainer.train import train
     from shared.config import build_config
-    from shared.tiny_model import build_tiny_model
 
     t_start = time.perf_counter()
     try:
@@ -80,23 +79,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     group = ProcessGroup(run_dir / "logs")
     try:
-        t0 = time.perf_counter()
-        base = build_tiny_model(run_dir / "models" / "small", seed=int(settings.get("model_seed", 0)), size="small")
-        phase("build_model", t0)
-
         group.start("envs", gtr_argv("env", "serve", "--port", str(args.env_port)), url=env_url,
                     env={"OMP_NUM_THREADS": "1"})
         group.wait_ready("envs", timeout=120)
 
-        t0 = time.perf_counter()
-        sft_cfg = build_config(SFTConfig, {
-            "model": {"path": str(base), "device": "cpu", "lora": settings.get("sft_lora", {"r": 16, "alpha": 32})},
-            "env": {"url": env_url, "env_id": env_id, "options": env_options},
-            "out": str(run_dir / "models" / "sft-base"), **settings.get("sft", {}),
-        }, source="demo sft")
-        sft = run_sft(sft_cfg)
-        sft_base = sft["out"]
-        phase("sft_init", t0)
+        base = prepare_base(settings, env_url, run_dir / "models", phase=phase)
+        sft_base = base["path"]
+        sft = base["info"]["sft"]
 
         t0 = time.perf_counter()
         before = evaluate(sft_base, **eval_kw)
@@ -138,8 +127,11 @@ def run_demo(args: argparse.Namespace) -> int:
     samples = Path(cfg.run_dir) / "samples"
     if samples.exists():
         shutil.copytree(samples, run_dir / "samples", dirs_exist_ok=True)
-    plot = plot_metrics(metrics, run_dir / "training.png",
-                        title=f"GTR-Turbo-KL on {env_id} (small model, CPU)",
+    teacher_eval = Path(cfg.run_dir) / "teacher_eval.jsonl"
+    if teacher_eval.exists():
+        shutil.copy2(teacher_eval, run_dir / "teacher_eval.jsonl")
+    plot = plot_metrics(metrics, run_dir / "training.png", teacher_eval=teacher_eval if teacher_eval.exists() else None,
+                        title=f"GTR-Turbo-KL on {env_id} ({'state in the text' if env_options.get('text_state') else 'from pixels'}, small model, CPU)",
                         before=before["success_rate"], after=after["success_rate"])
     out = {
         "env_id": env_id,
@@ -155,6 +147,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "format_ok_after": after.get("format_ok_rate"),
         "eval": {"seeds": [eval_seed, eval_seed + episodes - 1], "sampled_temperature": eval_kw["temperature"]},
         "sft": {k: sft.get(k) for k in ("demonstrations", "episodes", "expert_success_rate", "losses")},
+        "vision_warmup": base["info"]["warmup"],
         "final_teacher_version": summary.get("last", {}).get("teacher_version"),
         "seconds": round(time.perf_counter() - t_start, 1),
         "seconds_by_phase": timings,

@@ -100,6 +100,9 @@ class TeacherSettings(StrictModel):
     its last push scheduled (the merge runs in the background during the rollout). The guidance
     then never depends on which finished first, so a seeded run is reproducible. 0: use whatever
     version the teacher serves when asked."""
+    checkpoints_per_update: Literal[1, "epochs"] = 1
+    """1: push the adapter once, after the update. epochs: after every PPO epoch, as the official
+    GTR-Turbo code does (more checkpoints in the teacher's window, each one epoch apart)."""
 
     @field_validator("url", mode="before")
     @classmethod
@@ -128,6 +131,26 @@ class GuidanceSettings(StrictModel):
     teacher_max_new_tokens: int | None = None
     """Defaults to generation.max_new_tokens."""
     teacher_temperature: float = Field(default=0.7, ge=0)
+    kl_apply: Literal["advantage", "return"] = "advantage"
+    """advantage: A' = A - beta*KL_t, value targets untouched (DESIGN §4). return: the official
+    GTR-Turbo code's rule, beta*KL_t subtracted from the GAE returns, so it also enters the value
+    targets (and, through A = R - V, the advantages)."""
+    gate: Literal["none", "teacher_not_worse"] = "none"
+    """teacher_not_worse: skip guidance on updates where the latest teacher eval (eval.teacher_every)
+    scored below the student; each decision is logged (guidance/gate_open)."""
+
+
+class EvalSettings(StrictModel):
+    teacher_every: int = Field(default=0, ge=0)
+    """Every N updates (and once before the first), evaluate the merged teacher as a policy
+    (through /v1/generate) and the student on the same fixed seeds (0 = off): the paper's Figure 2."""
+    episodes: int = Field(default=16, ge=1)
+    seed: int = 200_000
+    """Episodes use seeds seed, seed+1, ...: the same for teacher and student at every evaluation."""
+    greedy: bool = False
+    """Greedy decoding for both (else sampled at generation.temperature, the rollout temperature)."""
+    max_steps: int = Field(default=50, ge=1)
+    num_envs: int = Field(default=8, ge=1)
 
 
 class GenerationSettings(StrictModel):
@@ -214,6 +237,7 @@ class TrainConfig(StrictModel):
     trainer: ServiceSettings = ServiceSettings()
     logging: LoggingSettings = LoggingSettings()
     distributed: DistributedSettings = DistributedSettings()
+    eval: EvalSettings = EvalSettings()
     updates: int = Field(default=10, ge=1)
     """Total PPO updates of the run (the cosine LR spans all of them)."""
     run_dir: str = "runs/train"

@@ -35,7 +35,7 @@ class PPOBatch:
     advantages: torch.Tensor
     """Normalised, KL-shaped advantages: what the surrogate uses."""
     returns: torch.Tensor
-    """Value targets: GAE returns without the KL term."""
+    """Value targets: GAE returns, without the KL term (with guidance.kl_apply=return, minus beta * KL_t)."""
     is_weights: torch.Tensor | None = None
     """Truncated importance weights min(pi_trainer / pi_sampler, rollout.tis_cap), or None (off)."""
     global_index: list[int] | None = None
@@ -61,14 +61,12 @@ def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = 
     adv, returns = gae(rewards, values, next_values, terminated, truncated, cfg.ppo.gamma, cfg.ppo.gae_lambda)
     kl = grid(lambda s: s.kl if s.kl is not None else 0.0)
     beta = (guidance or make_guidance(cfg)).kl_beta
+    adv_raw = adv
+    adv, returns = apply_kl(adv, returns, kl, beta, cfg.guidance.kl_apply, cfg.guidance.kl_before_norm)
     b_adv = adv.reshape(-1)
-    # GTR-Turbo-KL: A' = A - beta * KL_t, before the batch normalisation by default; the value
-    # targets (returns) never include it.
-    if cfg.guidance.kl_before_norm:
-        b_adv = b_adv - beta * kl.reshape(-1)
     if cfg.ppo.norm_adv:
         b_adv = normalize(b_adv, 1e-8, *global_moments(b_adv, dist))  # over all ranks' samples
-    if not cfg.guidance.kl_before_norm:
+    if not cfg.guidance.kl_before_norm and cfg.guidance.kl_apply == "advantage":
         b_adv = b_adv - beta * kl.reshape(-1)
     flat = rollout.flat()
     batch = PPOBatch(prompts=[s.prompt for s in flat], completions=[s.tokens for s in flat],
@@ -77,13 +75,29 @@ def build_batch(rollout: Rollout, cfg: TrainConfig, guidance: Guidance | None = 
                      global_index=[t * cfg.env.num_envs + s.env_index
                                    for t, row in enumerate(rows) for s in row],
                      global_size=len(rows) * cfg.env.num_envs)
-    m = {"ppo/adv_raw_mean": float(adv.mean()), "ppo/return_mean": float(returns.mean()),
+    m = {"ppo/adv_raw_mean": float(adv_raw.mean()), "ppo/return_mean": float(returns.mean()),
          "ppo/kl_penalty_mean": float(beta * kl.mean())}
     if cfg.rollout.tis_cap is not None and any(s.sampler_logprob is not None for s in flat):
         sampler_logp = torch.tensor([nan_if_none(s.sampler_logprob) for s in flat], dtype=torch.float64)
         batch.is_weights, tis_m = tis_weights(batch.old_logp.double(), sampler_logp, cfg.rollout.tis_cap)
         m.update(tis_m)
     return batch, m
+
+
+def apply_kl(adv: torch.Tensor, returns: torch.Tensor, kl: torch.Tensor, beta: float, how: str,
+             before_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL shaping of GTR-Turbo-KL on [T, N] GAE outputs -> (advantages, value targets).
+
+    advantage (DESIGN §4): A' = A - beta * KL_t; the value targets never include it.
+    return (the official code): R' = R - beta * KL_t after GAE, one scalar per step; A = R' - V
+    then carries the same -beta * KL_t, and the value head learns to predict the penalty too.
+    With before_norm=False the advantage variant shapes after normalisation (build_batch does it).
+    """
+    if how == "return":
+        return adv - beta * kl, returns - beta * kl
+    if how != "advantage":
+        raise ValueError(f"unknown guidance.kl_apply {how!r}")
+    return (adv - beta * kl if before_norm else adv), returns
 
 
 def make_optimizer(policy: Policy, cfg: TrainConfig):
@@ -96,8 +110,9 @@ def make_optimizer(policy: Policy, cfg: TrainConfig):
 
 def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: TrainConfig, rng: np.random.Generator,
                sft_buffer: ReplayBuffer | None = None, on_step: Callable[[], None] | None = None,
-               dist: Dist | None = None) -> dict[str, Any]:
-    """Epochs x global minibatches. Data parallel: every rank draws the same permutation of the
+               dist: Dist | None = None, on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Epochs x global minibatches; `on_epoch(epoch)` runs after each epoch (the official code's
+    checkpoint per epoch: teacher.checkpoints_per_update=epochs). Data parallel: every rank draws the same permutation of the
     global batch (rng seeded alike), takes the samples of each minibatch it holds, scales their
     loss by (its share / the global minibatch), and the gradients are summed over ranks before
     the clip, so each optimizer step sees the global minibatch's mean gradient and its global
@@ -118,7 +133,7 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
     policy.train(True)  # dropout stays off (Policy.train): the first minibatch's ratio is exactly 1
     new_values_all = torch.zeros(len(batch))
     try:
-        for _epoch in range(p.epochs):
+        for epoch in range(p.epochs):
             perm = rng.permutation(size)
             for start in range(0, size, p.minibatch_size):
                 mb_global = perm[start:start + p.minibatch_size]
@@ -156,6 +171,10 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                 scheduler.step()
                 if on_step:
                     on_step()
+            if on_epoch:
+                policy.train(False)
+                on_epoch(epoch)
+                policy.train(True)
     finally:
         policy.train(False)
     m = {k: float(np.mean(v)) for k, v in stats.items()}

@@ -29,6 +29,7 @@ from services.trainer.ppo import build_batch, make_optimizer, ppo_update
 from services.trainer.rollout import Rollout, collect, derive_seed, merge, rollout_metrics, slim
 from services.trainer.sampler import LocalSampler, Sampler, make_sampler
 from services.trainer.status import StatusBoard
+from services.trainer.teacher_eval import TeacherEvaluator
 from shared.client import ServiceError
 from shared.config import dump_config
 from shared.memory import PeakMemory
@@ -102,6 +103,11 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
         if guidance.uses_teacher or cfg.pushes():
             link = TeacherLink(cfg, fingerprint=tokenizer_fingerprint(policy.tokenizer), rank=dist.rank)
             check_teacher(link, cfg)
+        # The teacher-vs-student evaluation (eval.teacher_every) runs on rank 0; its gate decision
+        # reaches every rank in run_update.
+        evaluator = TeacherEvaluator(cfg, link, run_dir) if dist.is_main else None
+        if evaluator is not None and evaluator.enabled and counters.update == 0:
+            evaluator.run(policy, 0)  # the starting point of the teacher-vs-student curve
 
         def save() -> None:
             save_checkpoint(run_dir, policy, optimizer, scheduler, counters, sft_buffer, dist)
@@ -119,7 +125,7 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
         for update in range(counters.update + 1, cfg.updates + 1):
             metrics = run_update(cfg, update, policy, optimizer, scheduler, pool, link, sft_buffer, counters, board, writer,
                                  between_phases=checkpoint_if_requested, guidance=guidance, sampler=sampler, dist=dist,
-                                 first_env=first_env)
+                                 first_env=first_env, evaluator=evaluator)
             # A stop (signal, POST /v1/stop) may reach one rank only: every rank stops after the same update.
             stop, requested = dist.any([board.stop_requested.is_set(), board.checkpoint_requested.is_set()],
                                        "stop and checkpoint requests")
@@ -146,9 +152,13 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
 def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, scheduler, pool: EnvPool,
                link: TeacherLink | None, sft_buffer: ReplayBuffer | None, counters: Counters, board: StatusBoard,
                writer: MetricsWriter | None, between_phases=lambda: None, guidance: Guidance | None = None,
-               sampler: Sampler | None = None, dist: Dist | None = None, first_env: int = 0) -> dict[str, Any]:
+               sampler: Sampler | None = None, dist: Dist | None = None, first_env: int = 0,
+               evaluator: TeacherEvaluator | None = None) -> dict[str, Any]:
     guidance = guidance or make_guidance(cfg)
     dist = dist or Dist()
+    guided, gate_reason = evaluator.gate() if evaluator is not None else (True, "no gate")
+    if dist.active:  # rank 0 holds the teacher evaluation: its decision is every rank's
+        guided, gate_reason = dist.all_gather_object((guided, gate_reason), "guidance gate")[0]
     # Sampling differs per rank (rank 0 keeps the one-process seed); the PPO permutation `rng`
     # must be the same on every rank: it draws the global minibatches.
     torch.manual_seed(derive_seed(cfg.seed, update, 1, *([dist.rank] if dist.rank else [])))
@@ -177,12 +187,16 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         bar.set_postfix_str("teacher")
         t0 = time.perf_counter()
         mem.reset()
-        if link is not None and guidance.uses_teacher:
+        if link is not None and guidance.uses_teacher and guided:
             if dist.active:  # rank 0 pushed: every rank waits for that merge, on every replica
                 link.merge_above = dist.all_gather_object(link.merge_above, "pushed merge version")[0]
             link.await_pushed_merge()  # merged during the rollout: the same teacher version in every run
-        guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer,
-                               derive_seed(cfg.seed, update, 3, *([dist.rank] if dist.rank else [])))
+        if guided:
+            guide = guidance.guide(link, steps, policy.tokenizer, sft_buffer,
+                                   derive_seed(cfg.seed, update, 3, *([dist.rank] if dist.rank else [])))
+        else:  # guidance.gate: the latest teacher eval scored below the student
+            log.info("update %d: guidance skipped by the gate (%s)", update, gate_reason)
+            guide = {"teacher/kl_mean": None, "teacher/unavailable": 0}
         if link is not None:
             guide["teacher/version_skew"] = link.take_version_skew()
         seconds_teacher = time.perf_counter() - t0
@@ -194,18 +208,36 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
         t0 = time.perf_counter()
         mem.reset()
         batch, adv_m = build_batch(rollout, cfg, guidance, dist)
-        ppo_m = ppo_update(policy, optimizer, scheduler, batch, cfg, rng, sft_buffer, on_step=lambda: bar.update(1),
-                           dist=dist)
-        seconds_ppo = time.perf_counter() - t0
+        push_m: dict[str, Any] = {}
+        pushes = link is not None and cfg.pushes() and dist.is_main  # rank 0 pushes, to every teacher replica
+        per_epoch = pushes and cfg.teacher.checkpoints_per_update == "epochs"
+
+        def push_epoch(epoch: int) -> None:  # the official code's one checkpoint per PPO epoch
+            t1 = time.perf_counter()
+            step = (update - 1) * cfg.ppo.epochs + epoch + 1
+            push_m.update(push_adapter(link, policy, step, cfg, guide.get("teacher/version")))
+            push_m["teacher/pushes"] = push_m.get("teacher/pushes", 0) + 1
+            push_m["time/push_s"] = push_m.get("time/push_s", 0.0) + time.perf_counter() - t1
+
+        ppo_m = ppo_update(policy, optimizer, scheduler, batch, cfg, rng, sft_buffer if guided else None,
+                           on_step=lambda: bar.update(1), dist=dist, on_epoch=push_epoch if per_epoch else None)
+        seconds_ppo = time.perf_counter() - t0 - push_m.get("time/push_s", 0.0)
+        seconds_teacher += push_m.get("time/push_s", 0.0)
         mem_m.update({f"memory/ppo_{k}": v for k, v in mem.read().items()})
 
-        push_m: dict[str, Any] = {}
-        if link is not None and cfg.pushes() and dist.is_main:  # one push per update, to every teacher replica
+        if pushes and not per_epoch:  # one push per update
             board.set_phase("teacher")
             t0 = time.perf_counter()
             push_m = push_adapter(link, policy, update, cfg, guide.get("teacher/version"))
+            push_m["teacher/pushes"] = 1
             push_m["time/push_s"] = time.perf_counter() - t0
             seconds_teacher += push_m["time/push_s"]
+        eval_m: dict[str, Any] = {}
+        if evaluator is not None and evaluator.due(update):
+            board.set_phase("eval")
+            t0 = time.perf_counter()
+            eval_m = evaluator.run(policy, update)
+            eval_m["time/eval_s"] = time.perf_counter() - t0
     finally:
         bar.close()
 
@@ -222,8 +254,8 @@ def run_update(cfg: TrainConfig, update: int, policy: Policy, optimizer, schedul
     seconds_update = seconds_rollout + seconds_teacher + seconds_ppo
     metrics: dict[str, Any] = {
         "update": update, "env_steps": counters.env_steps, "guidance/mode": guidance.mode,
-        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m, **sync_m, **dist_m,
-        "rollout/engine": sampler.name,
+        **rollout_metrics(rollout), **guide, **adv_m, **ppo_m, **push_m, **mem_m, **sync_m, **dist_m, **eval_m,
+        "guidance/gate_open": int(guided), "rollout/engine": sampler.name,
         "time/rollout_s": seconds_rollout, "time/teacher_s": seconds_teacher, "time/ppo_s": seconds_ppo,
         "time/update_s": seconds_update, "time/sps": len(steps) * dist.world_size / max(1e-9, seconds_update),
     }

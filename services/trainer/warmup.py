@@ -1,0 +1,213 @@
+"""Vision warm-up: teach a randomly initialised small VLM's vision tower to read the env's frames.
+
+A real VLM (Qwen2.5-VL) arrives with a pretrained vision encoder that can read digits, cards and
+positions; the offline `small` model's vision tower is random, so from pixels alone it passes
+noise to the language model, and RL from pixels has nothing to start from. This stage stands in
+for that pretraining. Its labels are the env's own text rendering of the state (the observation
+text it gives with `text_state: true`, e.g. "Target: 3. Current: 5."), split into fields
+("Target: 3", "Current: 5"); one linear probe per field reads the merger's output tokens
+(flattened: where a marker is drawn matters) and predicts the field's value. Trained: the whole
+vision tower and merger, plus the probes (thrown away). The language model is untouched: SFT-init
+then teaches it to use the features, from the new base this stage writes.
+
+Frames are held out by caption (whole states never trained on), so the held-out accuracy
+measures reading the fields, not memorising frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm import tqdm
+
+from services.trainer.config import EnvSettings
+from services.trainer.envpool import EnvPool
+from shared.codecs import b64_to_image
+from shared.config import StrictModel, dump_config
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+class WarmupConfig(StrictModel):
+    model: str = ""
+    """The model directory to warm up (a Qwen2.5-VL-family model)."""
+    env: EnvSettings = EnvSettings(num_envs=1)
+    out: str = "runs/warmup-model"
+    """The new base model directory."""
+    frames: int = Field(default=400, ge=2)
+    """Env resets sampled for frames (distinct seeds; repeated states are kept)."""
+    heldout_frac: float = Field(default=0.2, gt=0, lt=1)
+    """Fraction of the distinct captions (states) never trained on, for the held-out accuracy."""
+    epochs: int = Field(default=10, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+
+def _fields(caption: str) -> list[str]:
+    return [f.strip() for f in caption.replace(";", ".").split(".") if f.strip()]
+
+
+def _heldout(caption: str, frac: float) -> bool:
+    """A stable split by caption: the same state is always on the same side."""
+    h = int(hashlib.sha256(caption.encode()).hexdigest()[:8], 16)
+    return (h % 10_000) / 10_000 < frac
+
+
+def collect_frames(cfg: WarmupConfig) -> list[tuple[Any, str]]:
+    """(PIL frame, caption) for `frames` reset seeds."""
+    options = {**cfg.env.options, "text_state": True}  # the caption; the image is the same either way
+    pool = EnvPool(cfg.env.url, cfg.env.env_id, 1, options, cfg.env.timeout_s, cfg.env.retries)
+    frames = []
+    try:
+        for i in range(cfg.frames):
+            seed = cfg.seed * 1_000_003 + i
+            r = pool.open([seed])[0] if i == 0 else pool.reset(0, seed)
+            obs = r.observation
+            if not obs.image:
+                raise ValueError(f"{cfg.env.env_id} gives no image: nothing to read")
+            if not (obs.text or "").strip():
+                raise ValueError(f"{cfg.env.env_id} gives no observation text with text_state: true: frames have no labels")
+            frames.append((b64_to_image(obs.image).convert("RGB"), obs.text.strip()))
+    finally:
+        pool.close()
+    return frames
+
+
+class FieldProbes(nn.Module):
+    """One linear classifier per caption field over the flattened merger tokens of a frame."""
+
+    def __init__(self, n_tokens: int, hidden: int, classes: list[int]):
+        super().__init__()
+        # Frames share almost every pixel: a random tower's features differ by little between
+        # states. Standardising each feature over the batch lets the probes see those differences.
+        self.norm = nn.BatchNorm1d(n_tokens * hidden, affine=False)
+        self.heads = nn.ModuleList(nn.Linear(n_tokens * hidden, c) for c in classes)
+
+    def forward(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        flat = self.norm(feats.reshape(feats.shape[0], -1))
+        return [h(flat) for h in self.heads]
+
+
+def _features(model, image_processor, images) -> torch.Tensor:
+    """[B, n_tokens, hidden]: the merger's output for each frame (all frames share one size)."""
+    enc = image_processor(images=images, return_tensors="pt")
+    out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack(list(feats))
+
+
+def _accuracy(model, image_processor, probes, frames, labels) -> dict[str, float]:
+    if not frames:
+        return {"field": float("nan"), "exact": float("nan")}
+    hits = []
+    with torch.no_grad():
+        for i in range(0, len(frames), 32):
+            logits = probes(_features(model, image_processor, [f for f, _ in frames[i:i + 32]]))
+            pred = torch.stack([lg.argmax(-1) for lg in logits], dim=1)
+            hits.append(pred == labels[i:i + 32])
+    h = torch.cat(hits).float()
+    return {"field": float(h.mean()), "exact": float(h.all(dim=1).float().mean())}
+
+
+def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
+    """Frames -> vision tower + probes trained -> held-out accuracy -> new base at cfg.out.
+    Returns a summary (also in out/warmup_summary.json)."""
+    from shared.models import load_model, load_processor
+
+    if not cfg.model:
+        raise ValueError("model is not set (the model directory to warm up)")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    frames = collect_frames(cfg)
+    n_fields = len(_fields(frames[0][1]))
+    if any(len(_fields(c)) != n_fields for _, c in frames):
+        raise ValueError(f"{cfg.env.env_id}: captions do not split into the same fields on every frame")
+    train = [f for f in frames if not _heldout(f[1], cfg.heldout_frac)]
+    held = [f for f in frames if _heldout(f[1], cfg.heldout_frac)]
+    if not train or not held:
+        k = max(1, int(len(frames) * cfg.heldout_frac))
+        train, held = frames[:-k], frames[-k:]
+    # Classes per field: the values seen in training (a held-out value never seen is a miss).
+    vocab = [sorted({_fields(c)[j] for _, c in train}) for j in range(n_fields)]
+
+    def labels_of(fs):
+        return torch.tensor([[vocab[j].index(v) if v in vocab[j] else -1 for j, v in enumerate(_fields(c))]
+                             for _, c in fs], dtype=torch.long)
+
+    y_train, y_held = labels_of(train), labels_of(held)
+    model = load_model(cfg.model, "cpu", "float32")
+    image_processor = load_processor(cfg.model).image_processor
+    for name, p in model.named_parameters():
+        p.requires_grad_(".visual." in f".{name}")
+    model.train()
+    with torch.no_grad():
+        sample = _features(model, image_processor, [train[0][0]])
+    probes = FieldProbes(sample.shape[1], sample.shape[2], [len(v) for v in vocab])
+    chance = [1.0 / len(v) for v in vocab]  # a uniform guess over the values seen in training
+    params = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    steps = cfg.epochs * int(np.ceil(len(train) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    losses = []
+    bar = tqdm(total=steps, desc="vision warm-up", disable=not cfg.progress)
+    try:
+        for _epoch in range(cfg.epochs):
+            perm, epoch_loss = rng.permutation(len(train)), []
+            for s in range(0, len(perm), cfg.batch_size):
+                idx = [int(i) for i in perm[s:s + cfg.batch_size]]
+                logits = probes(_features(model, image_processor, [train[i][0] for i in idx]))
+                loss = sum(nn.functional.cross_entropy(lg, y_train[idx, j]) for j, lg in enumerate(logits)) / n_fields
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                epoch_loss.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(float(np.mean(epoch_loss)))
+    finally:
+        bar.close()
+    model.eval()
+    probes.eval()
+    held_acc = _accuracy(model, image_processor, probes, held, y_held)
+    train_acc = _accuracy(model, image_processor, probes, train[:len(held)], y_train[:len(held)])
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in Path(cfg.model).iterdir():  # tokenizer, image processor, chat template: the source's
+        if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy2(f, out / f.name)
+    dump_config(cfg, out / "warmup_config.yaml")
+    summary = {
+        "out": str(out), "env_id": cfg.env.env_id, "frames": len(frames), "train_frames": len(train),
+        "heldout_frames": len(held), "distinct_states": len({c for _, c in frames}),
+        "heldout_states": len({c for _, c in held}), "fields": n_fields,
+        "heldout_field_accuracy": held_acc["field"], "heldout_exact_accuracy": held_acc["exact"],
+        "train_field_accuracy": train_acc["field"], "chance_field_accuracy": float(np.mean(chance)),
+        "losses": losses, "seconds": time.perf_counter() - t0,
+    }
+    (out / "warmup_summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("vision warm-up on %s: held-out field accuracy %.2f (chance %.2f), all fields %.2f, train %.2f, in %.0fs",
+             cfg.env.env_id, held_acc["field"], summary["chance_field_accuracy"], held_acc["exact"], train_acc["field"],
+             summary["seconds"])
+    return summary
