@@ -159,6 +159,23 @@ def test_checkpoints_per_epoch_pushes_one_adapter_per_ppo_epoch(tmp_path, tiny_m
     assert row["teacher/pushes"] == 3 and row["teacher/push_failed"] == 0
 
 
+# ------------------------------------------------------------------ vision warm-up
+
+
+@pytest.mark.slow
+def test_vision_warmup_reads_held_out_frames_above_chance(tmp_path, tiny_model_dir, services):
+    from services.trainer.warmup import WarmupConfig, run_warmup
+
+    cfg = WarmupConfig(model=str(tiny_model_dir), env={"url": services[0], "env_id": "numberline"},
+                       out=str(tmp_path / "warm"), frames=160, epochs=10, progress=False)
+    s = run_warmup(cfg)
+    assert s["fields"] == 2 and s["heldout_states"] >= 3 and s["train_frames"] > 100
+    # Held-out states (target, current) were never trained on; chance = the commonest training
+    # value of each field. Reading the two fields off the pixels beats it by a wide margin.
+    assert s["heldout_field_accuracy"] > s["chance_field_accuracy"] + 0.2
+    assert (tmp_path / "warm" / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------ gtr experiment --quick
 
 

@@ -145,6 +145,8 @@ def register(sub) -> None:
     d.add_argument("--env-port", type=int, default=8110)
     d.add_argument("--teacher-port", type=int, default=8210)
     d.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test of the pipeline)")
+    d.add_argument("--pixels", action="store_true",
+                   help="play from pixels (text_state off): a vision warm-up stage runs before SFT-init")
     d.set_defaults(func=_demo)
 
     from services.launcher.experiment import register as register_experiment

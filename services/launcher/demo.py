@@ -37,6 +37,8 @@ def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
         demo["updates"] = args.updates
     if args.eval_episodes:
         demo["eval_episodes"] = args.eval_episodes
+    if getattr(args, "pixels", False):  # the state only in the image: the vision warm-up runs first
+        demo["env_options"] = {**(demo.get("env_options") or {}), "text_state": False}
     return {"trainer": raw, **demo}, list(args.set or [])
 
 
