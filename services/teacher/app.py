@@ -18,7 +18,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from shared.schemas import (ActionResponse, CheckpointList, CheckpointUploadResponse, GenerateRequest,
                             GenerateResponse, Health, LogitsRequest, LogitsResponse, MergeReport, TeacherInfo)
 from shared.codecs import CodecError
-from shared.server import ErrorTable, error_responses, install_common, install_error_handlers, metrics_response, require_token
+from shared.server import (ErrorTable, error_responses, install_common, install_error_handlers, metrics_response,
+                           require_token)
 from services.teacher.backends import TeacherBackend, make_backend
 from services.teacher.errors import (BaseMismatch, InvalidInput, MergeRefused, NonFiniteOutput, NotReady, StoreFailed,
                                      TooLarge, UnknownCheckpoint, Unsupported, UpstreamError)

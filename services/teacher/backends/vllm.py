@@ -330,7 +330,8 @@ class VLLMBackend(TeacherBackend):
         if item.completion_ids is not None:
             ids = list(item.completion_ids)
         else:
-            ids = list(self.tokenizer(completion_text(item.completion_text, index), add_special_tokens=False)["input_ids"])
+            text = completion_text(item.completion_text, index)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         bad = [i for i in ids if not 0 <= i < self._vocab]
         if bad:
             raise InvalidInput(f"item {index}: token ids {bad[:5]} are outside the vocabulary "
