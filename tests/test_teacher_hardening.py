@@ -167,3 +167,22 @@ def test_the_openapi_declares_the_upload_body_and_the_error_codes(tiny_model_dir
     assert {"400", "413", "502", "503"} <= declared[("/v1/generate", "post")]
     assert {"404"} <= declared[("/v1/checkpoints/{checkpoint_id}", "delete")]
     assert {"409"} <= declared[("/v1/merge", "post")]
+
+
+def test_a_backend_without_its_own_probe_is_probed_after_the_swap_and_rolled_back(
+        tiny_model_dir, tmp_path, good, monkeypatch):
+    """vLLM cannot probe before its in-place reload: the service probes right after and, on a
+    non-finite result, restores the previous version's weights (here: hf with its probe off)."""
+    weights, cfg = good
+    monkeypatch.setattr(adapters_mod, "MAX_WEIGHT", math.inf)
+    monkeypatch.setattr(HFBackend, "probes_before_swap", False)
+    monkeypatch.setattr(HFBackend, "_probe", lambda self: None)
+    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "store"))) as c:
+        assert upload(c, weights, cfg, 1).status_code == 200
+        assert c.post("/v1/merge").json()["version"] == 1
+        before = c.post("/v1/logits", json=logits_body()).json()
+        assert upload(c, scaled(weights, 1e18), cfg, 2).status_code == 200
+        r = c.post("/v1/merge")
+        assert r.status_code == 409 and "probe request" in r.json()["detail"], r.text
+        assert c.get("/v1/teacher").json()["version"] == 1
+        assert c.post("/v1/logits", json=logits_body()).json() == before  # rolled back, bit for bit

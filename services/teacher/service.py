@@ -18,11 +18,14 @@ import torch
 
 from pydantic import ValidationError
 
-from shared.schemas import (CheckpointInfo, GenerateRequest, GenerateResult, LogitsRequest, LogitsResult, MergeReport,
-                            MergeSettings, MergeStats, RefusedMerge, TeacherInfo)
+from shared.codecs import image_to_b64
+from shared.schemas import (ChatMessage, CheckpointInfo, GenerateRequest, GenerateResult, ImagePart, LogitsItem,
+                            LogitsRequest, LogitsResult, MergeReport, MergeSettings, MergeStats, RefusedMerge,
+                            TeacherInfo, TextPart)
 from services.teacher.adapters import Adapter, parse_adapter
 from services.teacher.backends.base import TeacherBackend
-from services.teacher.errors import BaseMismatch, InvalidInput, MergeRefused, TooLarge, Unsupported
+from services.teacher.errors import (BaseMismatch, InvalidInput, MergeRefused, NonFiniteOutput, TooLarge,
+                                     Unsupported)
 from services.teacher.merging import merge_adapters, merge_weights
 from services.teacher.store import CheckpointStore, StoredCheckpoint
 
@@ -198,21 +201,58 @@ class TeacherService:
             stats = {"method": "latest", "checkpoints": 1, "step": items[-1].step,
                      **self.backend.apply_adapter(adapters[-1], version)}
             return self._record(items[-1:], settings, version, stats, load_s, t0)
-        if not items:
-            delta, stats = None, {"method": settings.method, "checkpoints": 0}
-        else:
-            weights = merge_weights(len(adapters), settings.weighting, settings.ema_alpha)
-            result = merge_adapters(adapters, weights, settings.method, settings.density, settings.scale,
-                                    device=self.merge_device)
-            delta, stats = result.delta, result.stats
-            stats["weights"] = [round(float(w), 6) for w in weights]
-            bad = [n for n, t in delta.items() if not bool(torch.isfinite(t).all())]
-            if bad:
-                raise MergeRefused(f"the merged delta is not finite in {len(bad)} parameters ({bad[:3]})")
+        delta, stats = self._merged_delta(adapters, settings)
         merge_s = time.perf_counter() - t0
-        # The backend probes the new weights before any request sees them (MergeRefused if not finite).
+        # hf probes the new weights before any request sees them (MergeRefused if not finite);
+        # a backend that cannot (vLLM) is probed right after, and rolled back on failure.
         self.backend.apply_delta(delta, version)
+        if not self.backend.probes_before_swap:
+            try:
+                self._probe_served()
+            except MergeRefused:
+                self._roll_back()
+                raise
         return self._record(items, settings, version, stats, merge_s, t0)
+
+    def _merged_delta(self, adapters: list[Adapter], settings: MergeSettings) -> tuple[dict | None, dict]:
+        if not adapters:
+            return None, {"method": settings.method, "checkpoints": 0}
+        weights = merge_weights(len(adapters), settings.weighting, settings.ema_alpha)
+        result = merge_adapters(adapters, weights, settings.method, settings.density, settings.scale,
+                                device=self.merge_device)
+        delta, stats = result.delta, result.stats
+        stats["weights"] = [round(float(w), 6) for w in weights]
+        bad = [n for n, t in delta.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise MergeRefused(f"the merged delta is not finite in {len(bad)} parameters ({bad[:3]})")
+        return delta, stats
+
+    def _probe_served(self) -> None:
+        """Score a fixed chat (a small image and text: the vision tower takes part too) under the
+        weights now served; MergeRefused if not finite. Text alone on a text-only model."""
+        from PIL import Image
+
+        image = ImagePart(type="image", image=image_to_b64(Image.new("RGB", (56, 56), (90, 30, 200))))
+        text = TextPart(type="text", text="probe: which action?")
+        for content in ([image, text], [text]):
+            item = LogitsItem(messages=[ChatMessage(role="user", content=content)], completion_text='{"action": "+"}')
+            try:
+                self.backend.logprobs([item])
+                return
+            except NonFiniteOutput as e:
+                raise MergeRefused("a probe request under the merged weights gave non-finite log-probs") from e
+            except InvalidInput:  # a text-only model refuses the image: probe with text alone
+                continue
+
+    def _roll_back(self) -> None:
+        """Serve the previous version's weights again (rebuilt from its checkpoints)."""
+        prev = self.last_merge
+        known = {c.checkpoint_id for c in self.store.list()}
+        items = [self.store.get(i) for i in (prev.checkpoints if prev else []) if i in known]
+        adapters, _ = self._load(items)
+        delta, _ = self._merged_delta(adapters, self.settings) if prev else (None, {})
+        self.backend.apply_delta(delta, self.version)
+        log.warning("rolled back to version %d after a refused merge", self.version)
 
     def _record(self, items: list[StoredCheckpoint], settings: MergeSettings, version: int, stats: dict,
                 merge_s: float, t0: float) -> MergeReport:

@@ -57,6 +57,10 @@ class TeacherBackend(ABC):
     """Backends raise the typed errors of `services.teacher.errors` (InvalidInput, TooLarge, ...)."""
 
     name: str = "base"
+    probes_before_swap: bool = False
+    """True when `apply_delta` itself checks the new weights (a probe forward) before any request
+    sees them and restores the old ones on failure (hf). Otherwise the service probes right after
+    and rolls back."""
     supports_merge: bool = True
     """False for backends that serve an external model (openai): uploads answer 501."""
 

@@ -96,6 +96,7 @@ class _Sampler:
 
 class HFBackend(TeacherBackend):
     name = "hf"
+    probes_before_swap = True
 
     def __init__(self, model: str | Path, device: str | None = None, dtype: str | None = None,
                  max_tokens: int = 65536, loaded: tuple[Any, Any] | None = None, w0_device: str | None = None,
