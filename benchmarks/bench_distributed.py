@@ -54,15 +54,18 @@ def run(out_dir: Path) -> dict:
         with running_services(None, None, teacher=False) as (env_url, _):
             for r in range(ROUNDS):
                 for nproc in ((1, 2) if r % 2 == 0 else (2, 1)):
-                    # The same cores in total: one rank gets them all, two ranks half each.
-                    rows = _run(nproc, model, env_url, tmp / f"n{nproc}-{r}", threads=max(1, cores // nproc))
+                    # One torch thread per rank: on a shared 2-core machine a single process with 2
+                    # OpenMP threads under outside load ran ~15x slower than with 1 (spinning
+                    # threads waiting for a busy core), which would flatter the 2-rank figure.
+                    rows = _run(nproc, model, env_url, tmp / f"n{nproc}-{r}", threads=1)
                     for row in rows[1:]:
                         sps[nproc].append(row["time/sps"])
                         seconds[nproc]["rollout"].append(row["time/rollout_s"])
                         seconds[nproc]["ppo"].append(row["time/ppo_s"])
     med = {n: statistics.median(v) for n, v in sps.items()}
     return {
-        "what": "env steps/s of gtr train, 2 gloo ranks vs 1, same global batch, tiny model, guidance none",
+        "what": "env steps/s of gtr train, 2 gloo ranks vs 1, same global batch, tiny model, guidance none, "
+                "1 torch thread per rank",
         "global_batch": NUM_ENVS * NUM_STEPS, "cpu_cores": cores, "updates_counted": len(sps[1]),
         "sps_1_rank": round(med[1], 2), "sps_2_ranks": round(med[2], 2),
         "ratio_2_over_1": round(med[2] / med[1], 3),
