@@ -286,17 +286,22 @@ def test_a_dead_rank_stops_the_survivor_with_a_clear_message(tiny_model_dir, env
     assert "Another rank died or hung longer than distributed.timeout_s=60s" in stderr
 
 
-def _generate_requests(url: str) -> float:
+def _counter(url: str, pattern: str) -> float:
+    """The sum of a service's Prometheus samples whose name and labels match `pattern`."""
     import re
 
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(r'^teacher_requests_total\{[^}]*generate[^}]*\} (\S+)$', text, re.M))
+    return sum(float(m.group(1)) for m in re.finditer(rf'^{pattern} (\S+)$', text, re.M))
+
+
+def _generate_requests(url: str) -> float:
+    return _counter(url, r'teacher_requests_total\{[^}]*generate[^}]*\}')
 
 
 @pytest.mark.slow
-def test_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, env_url, tmp_path):
+def test_two_env_and_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, tmp_path):
     from contextlib import ExitStack
 
     from shared.teacher_client import TeacherClient
@@ -304,11 +309,12 @@ def test_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, env_url, tm
 
     run_dir = tmp_path / "run"
     with ExitStack() as stack:
+        envs = [stack.enter_context(running_services(None, None, teacher=False))[0] for _ in range(2)]
         teachers = [stack.enter_context(running_services(tiny_model_dir, tmp_path / f"store{i}", env=False))[1]
                     for i in range(2)]
         # SFT guidance asks /v1/generate about every step (the tiny model's outputs need not parse),
         # two items per request: 4 requests per rank per update to spread.
-        r = _run(_train_argv(tiny_model_dir, run_dir, env_url, ",".join(teachers), "sft", "teacher.batch_size=2",
+        r = _run(_train_argv(tiny_model_dir, run_dir, ",".join(envs), ",".join(teachers), "sft", "teacher.batch_size=2",
                              "teacher.wait_for_merge_s=30", "guidance.teacher_max_new_tokens=8"))
         assert r.returncode == 0, r.stderr[-5000:]
         infos, steps, served = [], [], []
@@ -317,6 +323,9 @@ def test_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, env_url, tm
                 infos.append(t.info())
                 steps.append(sorted(c.step for c in t.checkpoints().checkpoints))
             served.append(_generate_requests(url))
+        env_steps = [_counter(url, r'env_steps_total\{[^}]*\}') for url in envs]
+    # Each rank spreads its 2 sessions over the 2 env replicas: 2 updates x 4 envs x 4 steps in all.
+    assert all(n > 0 for n in env_steps) and sum(env_steps) == 2 * 4 * 4, env_steps
     assert steps == [[1, 2], [1, 2]]  # every checkpoint pushed to every replica, once
     assert infos[0].version == infos[1].version > 0  # the same checkpoints merged: the same version
     assert all(n >= 4 for n in served) and sum(served) == 2 * 2 * 4, served  # spread over both replicas

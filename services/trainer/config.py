@@ -68,17 +68,6 @@ class EnvSettings(StrictModel):
         return v
 
 
-def split_urls(v: Any) -> Any:
-    """A URL, a comma-separated string of URLs, or a YAML list -> list of URLs."""
-    if isinstance(v, str):
-        v = [u.strip() for u in v.split(",")]
-    if isinstance(v, (list, tuple)):
-        v = [str(u).strip() for u in v if str(u).strip()]
-        if not v:
-            raise ValueError("needs at least one URL")
-    return v
-
-
 class TeacherSettings(StrictModel):
     url: str | list[str] = "http://127.0.0.1:8200"
     """One teacher, or replicas: a comma-separated string or a YAML list. Requests spread over
@@ -104,15 +93,15 @@ class TeacherSettings(StrictModel):
     """1: push the adapter once, after the update. epochs: after every PPO epoch, as the official
     GTR-Turbo code does (more checkpoints in the teacher's window, each one epoch apart)."""
 
-    @field_validator("url", mode="before")
+    @field_validator("url")
     @classmethod
     def _urls(cls, v):
-        v = split_urls(v)
-        return v[0] if isinstance(v, list) and len(v) == 1 else v
+        url_list(v)  # fails at start-up on an empty list
+        return v
 
     @property
     def urls(self) -> list[str]:
-        return [self.url] if isinstance(self.url, str) else list(self.url)
+        return url_list(self.url)
 
 
 class GuidanceSettings(StrictModel):
