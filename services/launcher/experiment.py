@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -73,16 +72,14 @@ def parse_variants(text: str) -> list[str]:
 
 def run_experiment(args: argparse.Namespace) -> int:
     from services.launcher.pipeline import prepare_base
-    from services.launcher.procs import ProcessGroup, ServiceDied, gtr_argv
+    from services.launcher.procs import ProcessGroup, ServiceDied, gtr_argv, stop_on_signals
 
     variants = parse_variants(args.variants)
     settings = load_settings(args)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env_url = f"http://127.0.0.1:{args.env_port or free_port()}"
-    # SIGTERM (a supervisor, `kill`) is handled like Ctrl-C: the finally below stops the env
-    # service and the run's teacher, so an interrupted experiment leaves no process behind.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_signals()  # SIGTERM and SIGHUP as Ctrl-C: the finally blocks stop the env service and teachers
     t_start = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     group = ProcessGroup(run_dir / "logs" / f"seeds-{seeds[0]}-{seeds[-1]}")
