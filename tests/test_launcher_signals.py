@@ -117,3 +117,25 @@ def test_a_busy_port_is_named_with_its_process_before_anything_starts(tmp_path, 
     assert f"port {port} (teacher) is in use by pid {os.getpid()}" in err
     assert "pytest" in err.split(f"pid {os.getpid()}:", 1)[1]  # the holder's command line
     assert not (tmp_path / "logs").exists() and not (tmp_path / "demo").exists()  # nothing was started
+
+
+def test_services_die_with_a_launcher_killed_by_sigkill(tmp_path, spawned):
+    """SIGKILL cannot be caught, so the launcher cannot stop its children then; the kernel does
+    (PR_SET_PDEATHSIG), or a killed `gtr demo` would leave its services holding their ports."""
+    code = ("import sys, time\n"
+            "from services.launcher.procs import ProcessGroup\n"
+            "g = ProcessGroup(sys.argv[1])\n"
+            "p = g.start('sleeper', [sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(p.popen.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(launcher.stdout.readline()))
+    spawned.procs += [psutil.Process(launcher.pid), child]
+    assert child.is_running()
+    launcher.kill()
+    launcher.wait(10)
+    try:
+        child.wait(10)  # raises TimeoutExpired while the child lives on
+    except psutil.NoSuchProcess:
+        pass
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE

@@ -99,6 +99,24 @@ class Proc:
             return ""
 
 
+def _die_with_parent(parent: int):
+    """A preexec function: on Linux the child gets SIGTERM when the launcher dies, even by
+    SIGKILL (which the launcher cannot catch to stop its children itself), so no service
+    outlives it holding its port."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def gtr_argv(*args: str) -> list[str]:
     """`gtr ARGS` as this interpreter runs it (works without the console script on PATH)."""
     return [sys.executable, "-m", "shared.cli", *args]
@@ -119,7 +137,7 @@ class ProcessGroup:
         log.info("starting %s: %s (log: %s)", name, " ".join(argv), p.log_path)
         # Own process group, so Ctrl-C in the terminal reaches us once and we stop children in order.
         p.popen = subprocess.Popen(argv, stdout=p._log_file, stderr=subprocess.STDOUT, env=full_env,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         self.procs[name] = p
         return p
 
