@@ -60,7 +60,9 @@ def _portable(e: BaseException) -> BaseException:
     """The exception itself when it survives pickling (our typed errors do), else a RuntimeError
     that names it (an env's own exception type may not)."""
     try:
-        pickle.loads(pickle.dumps(e))
+        pickle.dumps(e)  # what the pipe does with it
+        rebuild, args = e.__reduce__()[:2]
+        rebuild(*args)  # what unpickling it will call on the other side (no bytes are loaded here)
         return e
     except Exception:  # noqa: BLE001 - any pickling failure means: send a stand-in
         return RuntimeError(f"{type(e).__name__}: {e}")
