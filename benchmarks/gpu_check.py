@@ -213,7 +213,7 @@ def teacher_check(model_dir: Path, model, device, smoke: bool, res: dict) -> Non
     t0 = time.perf_counter()
     merged = merge_adapters(adapters, merge_weights(2), "ties", 0.5, 1.0, device=device, out_device="cpu")
     backend.apply_delta(merged.delta, version=1)
-    res["merge_apply"] = {"seconds": round(time.perf_counter() - t0, 2), "modules": len(merged.delta),
+    res["merge_apply"] = {"seconds": float(f"{time.perf_counter() - t0:.3g}"), "modules": len(merged.delta),
                           **gpu_mb(torch, device)}
     # The served weights are exactly W0 + tau (up to the model dtype's rounding).
     name = sorted(merged.delta)[0]
@@ -256,7 +256,8 @@ def merge_bench(model_dir: Path, device, ks: list[int], rank: int, budget: Budge
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         last, prev_k = time.perf_counter() - t0, k
-        per_k[str(k)] = {"seconds": round(last, 2), "modules": len(result.delta), **gpu_mb(torch, device)}
+        # Significant digits, not decimals: a K=2 merge on a tiny body takes milliseconds on an idle CPU.
+        per_k[str(k)] = {"seconds": float(f"{last:.3g}"), "modules": len(result.delta), **gpu_mb(torch, device)}
         log.info("merge K=%d: %.2fs", k, last)
         del adapters, result
         if device.type == "cuda":
