@@ -128,8 +128,9 @@ class TeacherReplicas:
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResponse]:
         return self.map(lambda c, r: c.generate(r), requests)
 
-    def each(self, call) -> list:
-        """call(client) on every replica, in parallel; each entry the reply or the ServiceError raised."""
+    def each(self, call, clients: list[TeacherClient] | None = None) -> list:
+        """call(client) on every replica (or on `clients`, some of them), in parallel; each entry
+        the reply or the ServiceError raised."""
         from shared.client import ServiceError
 
         def safe(c):
@@ -138,6 +139,7 @@ class TeacherReplicas:
             except ServiceError as e:
                 return e
 
-        if len(self.clients) == 1:
-            return [safe(self.clients[0])]
-        return list(self._executor().map(safe, self.clients))
+        clients = self.clients if clients is None else clients
+        if len(clients) == 1:
+            return [safe(clients[0])]
+        return list(self._executor().map(safe, clients))

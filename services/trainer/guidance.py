@@ -129,7 +129,9 @@ class TeacherLink:
         self.merge_above: int | None = None
         """Set by a push that scheduled a merge: the teacher version that push's merge will exceed."""
         self.unsent: dict[int, Path] = {}
-        """step -> a copy of the adapter whose push failed while the teacher was down; re-sent first."""
+        """step -> a copy of the adapter that some replica did not take (it was down); re-sent first."""
+        self.lacking: dict[int, set[int]] = {}
+        """step -> the replicas (indexes into teacher.url) that still lack that kept adapter."""
         self.keep_unsent = MAX_UNSENT
         """How many unsent adapters the teacher's merge window wants (learned from /v1/teacher)."""
         self._unsent_root: Path | None = None
@@ -215,50 +217,77 @@ class TeacherLink:
         return {f"{prefix}_requests": n, f"{prefix}_request_kb": sent / n / 1024, f"{prefix}_reply_kb": recv / n / 1024}
 
     def push(self, adapter_dir: Path, step: int) -> CheckpointUploadResponse | None:
-        """Upload the adapter of `step`. Adapters whose push failed while the teacher was down go
-        first, oldest first; one that cannot be sent now is kept (a copy on disk) for the next push.
+        """Upload the adapter of `step` to every teacher replica, so that each merges the same
+        checkpoints and reaches the same version.
+
+        A replica that did not take a checkpoint (down, not ready) gets it later: the adapter is
+        kept (a copy on disk) with the replicas that lack it, and every push first re-sends the
+        kept ones, oldest first, to the replicas that lack them. A replica still lacking an older
+        one does not get a newer one before it, so each replica stores them in step order.
         Re-sending one that did arrive is harmless: the teacher dedups the same weights and step.
-        Each goes to every teacher replica; it counts as sent when at least one took it (a replica
-        that did not lags, and says so)."""
-        r = None
-        if self._resend_unsent():
-            replies = self._call("POST /v1/checkpoints", lambda: self._push_all(adapter_dir, step))
-            r = replies[0] if replies else None
-        if r is None:
-            self._keep_unsent(adapter_dir, step)
-        return r
+        Returns a reply of a replica that took this step; None when none did (the update then
+        counts as not pushed)."""
+        every = set(range(len(self.replicas)))
+        blocked: set[int] = set()  # replicas still lacking an older checkpoint
+        for old in sorted(self.unsent):
+            lacking = self.lacking.get(old, every)
+            targets = lacking - blocked
+            if targets:
+                try:  # not through the unavailable policy: a replica still down must not hold the run
+                    took = set(self._push_to(self.unsent[old], old, targets))
+                except ServiceError as e:
+                    if e.status is not None and e.status not in RETRY_STATUS:
+                        raise
+                    took = set()
+                if took:
+                    log.info("re-sent the adapter of update %d to teacher replica(s) %s", old,
+                             ", ".join(self.replicas.clients[i].base_url for i in sorted(took)))
+                lacking = lacking - took
+            blocked |= lacking
+            if lacking:
+                self.lacking[old] = lacking
+            else:
+                shutil.rmtree(self.unsent.pop(old), ignore_errors=True)
+                self.lacking.pop(old, None)
+        targets = every - blocked
+        replies = self._call("POST /v1/checkpoints", lambda: self._push_to(adapter_dir, step, targets)) if targets else None
+        replies = replies or {}
+        lacking = every - set(replies)
+        if lacking:
+            self._keep_unsent(adapter_dir, step, lacking)
+        return replies[min(replies)] if replies else None
 
-    def _resend_unsent(self) -> bool:
-        """Push the kept adapters in step order; False at the first that still fails."""
-        for step in sorted(self.unsent):
-            d = self.unsent[step]
-            if self._call("POST /v1/checkpoints", lambda: self._push_all(d, step)) is None:
-                return False
-            log.info("re-sent the adapter of update %d, pushed while the teacher was down", step)
-            shutil.rmtree(self.unsent.pop(step), ignore_errors=True)
-        return True
-
-    def _keep_unsent(self, adapter_dir: Path, step: int) -> None:
+    def _keep_unsent(self, adapter_dir: Path, step: int, lacking: set[int]) -> None:
         if self._unsent_root is None:
             self._unsent_root = Path(tempfile.mkdtemp(prefix="gtr-unsent-"))
         dest = self._unsent_root / f"step-{step}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(adapter_dir, dest)
-        self.unsent[step] = dest
+        self.unsent[step], self.lacking[step] = dest, set(lacking)
         for old in sorted(self.unsent)[:-self.keep_unsent]:  # older than the teacher's merge window
             shutil.rmtree(self.unsent.pop(old), ignore_errors=True)
-        log.warning("adapter of update %d not pushed (teacher down): kept, with %d in all, to re-send when the "
-                    "teacher is back", step, len(self.unsent))
+            self.lacking.pop(old, None)
+        who = ("the teacher" if len(lacking) == len(self.replicas) else
+               "teacher replica(s) " + ", ".join(self.replicas.clients[i].base_url for i in sorted(lacking)))
+        log.warning("adapter of update %d not pushed to %s (down, or still lacking an older one): kept, with %d in "
+                    "all, to re-send when it is back", step, who, len(self.unsent))
 
-    def _push_all(self, adapter_dir: Path, step: int) -> list[CheckpointUploadResponse]:
-        replies = self.replicas.each(lambda c: c.upload_adapter(adapter_dir, step))
-        ok = [r for r in replies if not isinstance(r, ServiceError)]
-        for c, r in zip(self.replicas.clients, replies, strict=True):
+    def _push_to(self, adapter_dir: Path, step: int, targets: set[int]) -> dict[int, CheckpointUploadResponse]:
+        """Upload to the replicas in `targets` (in parallel): {replica: reply} of those that took
+        it. Raises when none did (the unavailable policy in `_call` decides), or at once on an
+        error that is not about availability (a refused upload is a configuration problem)."""
+        order = sorted(targets)
+        clients = [self.replicas.clients[i] for i in order]
+        replies = self.replicas.each(lambda c: c.upload_adapter(adapter_dir, step), clients=clients)
+        ok: dict[int, CheckpointUploadResponse] = {}
+        for i, c, r in zip(order, clients, replies, strict=True):
             if isinstance(r, ServiceError):
                 if r.status is not None and r.status not in RETRY_STATUS:
                     raise r
-                log.warning("teacher replica %s did not take checkpoint %d (%s): its version will lag", c.base_url,
-                            step, r)
+                log.warning("teacher replica %s did not take checkpoint %d (%s): kept for it, to re-send",
+                            c.base_url, step, r)
+            else:
+                ok[i] = r
         if not ok:
             raise next(r for r in replies if isinstance(r, ServiceError))
         return ok
@@ -305,9 +334,11 @@ def push_adapter(link: TeacherLink, policy, step: int, cfg: TrainConfig, known_v
     with tempfile.TemporaryDirectory(prefix="gtr-adapter-") as tmp:
         policy.save_adapter(tmp)
         r = link.push(Path(tmp), step)
+    # teacher/replicas_lagging: replicas that lack a checkpoint some other replica has (kept for them).
+    lag = {"teacher/unsent": len(link.unsent), "teacher/replicas_lagging": len(set().union(*link.lacking.values()))}
     if r is None:
-        return {"teacher/push_failed": 1, "teacher/unsent": len(link.unsent)}
-    m: dict[str, Any] = {"teacher/push_failed": 0, "teacher/unsent": 0, "teacher/merge_scheduled": int(r.merge_scheduled)}
+        return {"teacher/push_failed": 1, **lag}
+    m: dict[str, Any] = {"teacher/push_failed": 0, **lag, "teacher/merge_scheduled": int(r.merge_scheduled)}
     if r.merge_scheduled and known_version is not None:
         link.merge_above = known_version  # the next update waits for this merge (await_pushed_merge)
     if cfg.teacher.wait_for_merge_s > 0 and r.merge_scheduled:
