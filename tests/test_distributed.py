@@ -9,6 +9,8 @@ Normalising, minibatching, accumulating or clipping per rank each breaks the equ
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import subprocess
 import sys
@@ -300,6 +302,26 @@ def _generate_requests(url: str) -> float:
     return _counter(url, r'teacher_requests_total\{[^}]*generate[^}]*\}')
 
 
+@contextlib.contextmanager
+def _policy_service(model_dir, store):
+    """The policy service (the teacher's app in its `latest` role) on a free port."""
+    from services.teacher.app import create_app
+    from services.teacher.settings import TeacherSettings
+    from services.trainer.app import ServerThread
+    from shared.client import ServiceClient
+    from tests.trainer_services import free_port
+
+    port = free_port()
+    server = ServerThread(create_app(TeacherSettings(model=str(model_dir), store=str(store), device="cpu",
+                                                     merge={"method": "latest"})), "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ServiceClient(url, service="policy").wait_ready(timeout=120)
+        yield url
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_two_env_and_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir, tmp_path):
     from contextlib import ExitStack
@@ -312,11 +334,19 @@ def test_two_env_and_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir,
         envs = [stack.enter_context(running_services(None, None, teacher=False))[0] for _ in range(2)]
         teachers = [stack.enter_context(running_services(tiny_model_dir, tmp_path / f"store{i}", env=False))[1]
                     for i in range(2)]
+        policies = [stack.enter_context(_policy_service(tiny_model_dir, tmp_path / f"policy{i}")) for i in range(2)]
         # SFT guidance asks /v1/generate about every step (the tiny model's outputs need not parse),
-        # two items per request: 4 requests per rank per update to spread.
+        # two items per request: 4 requests per rank per update to spread. Rollouts are sampled by
+        # two policy-service replicas, one item per request: 8 per rank per update.
         r = _run(_train_argv(tiny_model_dir, run_dir, ",".join(envs), ",".join(teachers), "sft", "teacher.batch_size=2",
-                             "teacher.wait_for_merge_s=30", "guidance.teacher_max_new_tokens=8"))
+                             "teacher.wait_for_merge_s=30", "guidance.teacher_max_new_tokens=8",
+                             "rollout.engine=service", f"rollout.url={','.join(policies)}", "rollout.batch_size=1"))
         assert r.returncode == 0, r.stderr[-5000:]
+        sampled = [_generate_requests(url) for url in policies]
+        synced = []
+        for url in policies:
+            with TeacherClient(url) as p:
+                synced.append(sorted(c.step for c in p.checkpoints().checkpoints))
         infos, steps, served = [], [], []
         for url in teachers:
             with TeacherClient(url) as t:
@@ -329,7 +359,10 @@ def test_two_env_and_two_teacher_replicas_serve_one_two_rank_run(tiny_model_dir,
     assert steps == [[1, 2], [1, 2]]  # every checkpoint pushed to every replica, once
     assert infos[0].version == infos[1].version > 0  # the same checkpoints merged: the same version
     assert all(n >= 4 for n in served) and sum(served) == 2 * 2 * 4, served  # spread over both replicas
+    assert synced == [[0, 1], [0, 1]]  # rank 0 synced every replica before each update, once
+    assert all(n > 0 for n in sampled) and sum(sampled) == 2 * 2 * 2 * 4, sampled  # both ranks, both replicas
     rows = _rows(run_dir)
+    assert [row["rollout/policy_replicas_synced"] for row in rows] == [2, 2]
     assert [row["teacher/version_skew"] for row in rows] == [0, 0]
     assert all(row["teacher/unavailable"] == 0 for row in rows)
 

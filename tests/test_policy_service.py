@@ -25,7 +25,7 @@ from services.trainer.envpool import EnvPool
 from services.trainer.losses import ppo_clip_loss
 from services.trainer.policy import Policy
 from services.trainer.rollout import collect
-from services.trainer.sampler import (LocalSampler, ServiceSampler, StalePolicyError, logprob_gap, tis_weights,
+from services.trainer.sampler import (LocalSampler, PolicySyncError, ServiceSampler, StalePolicyError, logprob_gap, tis_weights,
                                       weighted_logprob)
 from shared.chat import encode_prompt
 from shared.client import ServiceClient
@@ -315,3 +315,49 @@ def test_gtr_up_starts_the_policy_service_when_the_config_asks(tmp_path, tiny_mo
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_policy_replicas_share_the_rollout_and_a_dead_one_is_left_out(tiny_model_dir, env_url, tmp_path):
+    """Two policy services behind `rollout.url` (#13 "the same holds for policy-service replicas"):
+    each gets the adapter and the rollout's batches are spread over both, with the same greedy
+    tokens as local sampling. A replica that dies after the sync has its batches re-sent to the
+    other; the next sync leaves it out; with none left the sync fails with the reason."""
+    import re
+
+    def generates(url):
+        import httpx
+
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        return sum(float(v) for v in re.findall(r'teacher_requests_total\{[^}]*generate[^}]*\} ([0-9.e+]+)', text))
+
+    servers, urls = zip(*[_serve(tiny_model_dir, tmp_path / f"policy-store{i}") for i in range(2)])
+    servers = list(servers)
+    cfg = _cfg(tmp_path, tiny_model_dir, env_url, ",".join(urls), "rollout.batch_size=1")
+    policy = Policy(tiny_model_dir, cfg.model, seed=0)
+    _randomise_lora(policy, seed=3)
+    pool = EnvPool(cfg.env.url, cfg.env.env_id, cfg.env.num_envs, cfg.env.options)
+    service = ServiceSampler(policy, cfg.rollout, greedy=True)
+    try:
+        m = service.sync(0)
+        assert m["rollout/policy_replicas_synced"] == 2 and sorted(service.synced) == [0, 1]
+        for url in urls:
+            assert PolicyClient(url).info().served_checkpoints == [service.synced[urls.index(url)][1]]
+        local = collect(policy, pool, cfg, 1, sampler=LocalSampler(policy, greedy=True))
+        remote = collect(policy, pool, cfg, 1, sampler=service)
+        assert _tokens(remote) == _tokens(local)
+        counts = [generates(u) for u in urls]
+        assert min(counts) > 0 and sum(counts) == cfg.env.num_steps * cfg.env.num_envs  # one item per batch, spread
+
+        servers[1].stop()  # dies after the sync: its batches go to replica 0
+        assert _tokens(collect(policy, pool, cfg, 1, sampler=service)) == _tokens(local)
+        assert sorted(service.synced) == [0]
+        m = service.sync(1)  # the next sync leaves it out
+        assert m["rollout/policy_replicas_synced"] == 1 and sorted(service.synced) == [0]
+        servers[0].stop()
+        with pytest.raises(PolicySyncError, match="did not serve the adapter of update 2"):
+            service.sync(2)
+    finally:
+        service.close()
+        pool.close()
+        for s in servers:
+            s.stop()

@@ -154,7 +154,9 @@ class RolloutSettings(StrictModel):
     engine: Literal["local", "service"] = "local"
     """local: transformers `generate` inside the trainer. service: the policy service at `url`
     (`gtr policy serve`, vLLM or hf), which the trainer syncs its adapter into before each rollout."""
-    url: str = "http://127.0.0.1:8400"
+    url: str | list[str] = "http://127.0.0.1:8400"
+    """One policy service, or several replicas (a YAML list or commas): each gets every adapter,
+    and rollout batches are spread over them."""
     tis_cap: float | None = Field(default=None, gt=0)
     """Truncated importance sampling: weight each sample's policy loss by
     min(pi_trainer / pi_sampler, tis_cap) (off when null; service engine only)."""
@@ -164,6 +166,12 @@ class RolloutSettings(StrictModel):
     retries: int = Field(default=3, ge=0)
     batch_size: int = Field(default=64, ge=1)
     """Items per /v1/generate request."""
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, v):
+        url_list(v)  # fails at start-up on an empty list
+        return v
 
 
 class RewardSettings(StrictModel):

@@ -140,7 +140,7 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
                 s_lp = sampled.logprobs[e]
                 row[-1].sampler_logprob = weighted_logprob(s_lp, spans[e].n_thought, cfg.ppo.thought_coef)
                 row[-1].sampler_gap = (torch.tensor(s_lp) - sc.token_logprobs[e].float().cpu()).tolist()
-                row[-1].sampler_version = sampled.version
+                row[-1].sampler_version = sampled.versions[e] if sampled.versions else sampled.version
             ep_return[e] += r.reward
             ep_len[e] += 1
             if r.terminated or r.truncated:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 
 from services.trainer.config import RolloutSettings, TrainConfig
-from shared.client import ServiceError
+from shared.client import RETRY_STATUS, ServiceError
+from shared.config import url_list
 from shared.policy_client import PolicyClient
-from shared.schemas import GenerateItem, GenerateRequest
+from shared.schemas import GenerateItem, GenerateRequest, GenerateResponse
+from shared.teacher_client import TeacherReplicas
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,10 @@ class Samples:
     logprobs: list[list[float]] | None = None
     """Per item and token, the sampler's log-prob at the sampling temperature (None: local)."""
     version: int | None = None
-    """The policy service's adapter version that sampled them (None: local)."""
+    """The policy service's adapter version that sampled them (None: local); with replicas that
+    serve different version numbers for the same adapter, the first synced replica's."""
+    versions: list[int] | None = None
+    """Per item, the version of the replica that sampled it (None: local)."""
 
 
 class Sampler(Protocol):
@@ -86,75 +92,149 @@ class LocalSampler:
 
 
 class ServiceSampler:
-    """Rollouts sampled by the policy service (`rollout.engine: service`), version-checked."""
+    """Rollouts sampled by the policy service (`rollout.engine: service`), version-checked.
+
+    `rollout.url` may name several replicas (a list, or commas). `sync` uploads the adapter to
+    each and waits until each serves exactly it; `sample` spreads its `/v1/generate` batches over
+    the replicas that did, in parallel, and checks every reply against the version that replica
+    synced. A replica that could not be synced (down, too slow) or fails mid-rollout is left out
+    until the next `sync` re-uploads to it; only when none is left does the rollout fail.
+    """
 
     name = "service"
 
     def __init__(self, policy, settings: RolloutSettings, fingerprint: str | None = None,
-                 client: PolicyClient | None = None, greedy: bool = False):
+                 client: PolicyClient | None = None, greedy: bool = False, start: int = 0):
         self.policy = policy
         self.settings = settings
         self.greedy = greedy
-        self.client = client or PolicyClient(settings.url, timeout=settings.timeout_s, retries=settings.retries)
-        self.version: int | None = None
-        """The adapter version the service serves for us; None until the first `sync`."""
+        self.clients = [client] if client is not None else [
+            PolicyClient(u, timeout=settings.timeout_s, retries=settings.retries) for u in url_list(settings.url)]
+        self.client = self.clients[0]
+        self.replicas = TeacherReplicas([], clients=self.clients, start=start)  # its spreading and fan-out
+        self._next = start
+        self._lock = threading.Lock()
+        self.synced: dict[int, tuple[int, str]] = {}
+        """replica index -> (adapter version, checkpoint id) it serves for us; empty until `sync`."""
         self._suppressed = set(getattr(policy, "suppress_ids", None) or [])
-        self.checkpoint_id: str | None = None
         self._check(fingerprint)
 
+    @property
+    def version(self) -> int | None:
+        """The adapter version the (first synced) replica serves for us; None before `sync`."""
+        return self.synced[min(self.synced)][0] if self.synced else None
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        return self.synced[min(self.synced)][1] if self.synced else None
+
+    def sync_state(self) -> dict[int, tuple[int, str]]:
+        """What `sync` established, for the other data-parallel ranks (`adopt`)."""
+        return dict(self.synced)
+
+    def adopt(self, state: dict[int, tuple[int, str]]) -> None:
+        self.synced = dict(state)
+
+    def _url(self, i: int) -> str:
+        return self.clients[i].base_url
+
     def _check(self, fingerprint: str | None) -> None:
-        """Fail at start-up, not mid-run: the URL must be a policy service on our tokenizer."""
-        self.client.wait_ready(timeout=self.settings.sync_timeout_s)
-        info = self.client.info()
-        if info.merge.method != "latest":
-            raise ValueError(f"rollout.url={self.settings.url} is a teacher (merge method {info.merge.method}), not a "
-                             "policy service: start one with `gtr policy serve` (it serves the newest adapter unmerged)")
-        if fingerprint and info.tokenizer_fingerprint and info.tokenizer_fingerprint != fingerprint:
-            raise ValueError(f"the policy service at {self.settings.url} ({info.base_model}) uses another tokenizer "
-                             f"({info.tokenizer_fingerprint} != {fingerprint}); serve it on the trainer's model.path")
-        log.info("policy service: %s backend, base %s, version %d", info.backend, info.base_model, info.version)
+        """Fail at start-up, not mid-run: each URL must be a policy service on our tokenizer.
+        A replica that is not up yet is only warned about (sync re-tries it); none up fails."""
+        def info(c):
+            c.wait_ready(timeout=self.settings.sync_timeout_s)
+            return c.info()
+
+        infos = self.replicas.each(info)
+        if all(isinstance(i, ServiceError) for i in infos):
+            raise infos[0]
+        for i, info in enumerate(infos):
+            if isinstance(info, ServiceError):
+                log.warning("policy replica %s is not up (%s): left out until a sync reaches it", self._url(i), info)
+                continue
+            if info.merge.method != "latest":
+                raise ValueError(f"rollout.url={self._url(i)} is a teacher (merge method {info.merge.method}), not a "
+                                 "policy service: start one with `gtr policy serve` (it serves the newest adapter unmerged)")
+            if fingerprint and info.tokenizer_fingerprint and info.tokenizer_fingerprint != fingerprint:
+                raise ValueError(f"the policy service at {self._url(i)} ({info.base_model}) uses another tokenizer "
+                                 f"({info.tokenizer_fingerprint} != {fingerprint}); serve it on the trainer's model.path")
+            log.info("policy service %s: %s backend, base %s, version %d", self._url(i), info.backend, info.base_model,
+                     info.version)
 
     def sync(self, step: int) -> dict[str, Any]:
-        """Upload the trainer's adapter and wait (bounded) until the service serves exactly it."""
+        """Upload the trainer's adapter to every replica and wait (bounded) until each serves
+        exactly it. Replicas that do not are left out of this rollout (and warned about)."""
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gtr-policy-adapter-") as tmp:
             self.policy.save_adapter(tmp)
-            up = self.client.upload_adapter(Path(tmp), step)
+            ups = self.replicas.each(lambda c: c.upload_adapter(Path(tmp), step))
+        for r in ups:  # a refused upload is our bug or a misconfiguration, not an outage
+            if isinstance(r, ServiceError) and r.status is not None and r.status not in RETRY_STATUS:
+                raise r
         deadline = time.monotonic() + self.settings.sync_timeout_s
-        while True:
-            info = self.client.info()
-            if info.served_checkpoints == [up.checkpoint_id]:
+        pending = {i: up.checkpoint_id for i, up in enumerate(ups) if not isinstance(up, ServiceError)}
+        synced: dict[int, tuple[int, str]] = {}
+        infos: dict[int, Any] = {}
+        while pending:
+            for i, ckpt in list(pending.items()):
+                try:
+                    info = infos[i] = self.clients[i].info()
+                except ServiceError as e:
+                    if e.status is not None and e.status not in RETRY_STATUS:
+                        raise
+                    continue
+                if info.served_checkpoints == [ckpt]:
+                    synced[i] = (info.version, ckpt)
+                    del pending[i]
+            if pending and time.monotonic() > deadline:
                 break
-            if time.monotonic() > deadline:
-                error = info.last_merge_error
-                raise PolicySyncError(
-                    f"the policy service at {self.settings.url} did not serve checkpoint {up.checkpoint_id} within "
-                    f"{self.settings.sync_timeout_s:.0f}s (serving {info.served_checkpoints}, version {info.version}"
-                    f"{'; last error: ' + error if error else ''}); raise rollout.sync_timeout_s or check its log")
-            time.sleep(0.05)
-        self.version, self.checkpoint_id = info.version, up.checkpoint_id
+            if pending:
+                time.sleep(0.05)
+        failed = {i: (ups[i] if isinstance(ups[i], ServiceError) else infos.get(i)) for i in range(len(ups))
+                  if i not in synced}
+        if not synced:
+            i = next(iter(failed))
+            raise PolicySyncError(
+                f"the policy service at {self._url(i)} did not serve the adapter of update {step} within "
+                f"{self.settings.sync_timeout_s:.0f}s ({self._why(failed[i])}); raise rollout.sync_timeout_s or check "
+                "its log" + (f" (and the {len(failed) - 1} other replica(s))" if len(failed) > 1 else ""))
+        for i, why in failed.items():
+            log.warning("policy replica %s left out of this rollout: it did not serve the adapter of update %d within "
+                        "%.0fs (%s)", self._url(i), step, self.settings.sync_timeout_s, self._why(why))
+        self.synced = synced
+        info = infos[min(synced)]
         stats = info.last_merge.stats if info.last_merge else None
-        m = {"rollout/policy_version": info.version, "rollout/sync_s": time.perf_counter() - t0}
+        m = {"rollout/policy_version": self.version, "rollout/sync_s": time.perf_counter() - t0,
+             "rollout/policy_replicas_synced": len(synced)}
         if stats is not None and stats.apply_seconds is not None:
             m["rollout/sync_apply_s"] = float(stats.apply_seconds)
-        log.info("policy service serves version %d (%s, sync: %s)", info.version, up.checkpoint_id,
-                 stats.sync if stats is not None else "?")
+        log.info("policy service serves version %d (%s, sync: %s) on %d of %d replica(s)", self.version,
+                 self.checkpoint_id, stats.sync if stats is not None else "?", len(synced), len(self.clients))
         return m
 
+    @staticmethod
+    def _why(x) -> str:
+        if isinstance(x, ServiceError) or x is None:
+            return str(x) if x is not None else "unreachable"
+        error = x.last_merge_error
+        return f"serving {x.served_checkpoints}, version {x.version}" + (f"; last error: {error}" if error else "")
+
     def sample(self, messages, prompts, temperature, max_new_tokens, seeds) -> Samples:
-        if self.version is None:
+        if not self.synced:
             raise PolicySyncError("the policy service was never synced with the trainer's adapter (call sync first)")
         items = [GenerateItem(messages=m, max_new_tokens=max_new_tokens, temperature=0.0 if self.greedy else temperature,
                               top_p=1.0, seed=int(s)) for m, s in zip(messages, seeds, strict=True)]
-        tokens, logprobs = [], []
         bs = self.settings.batch_size
-        for i in range(0, len(items), bs):
-            r = self.client.generate(GenerateRequest(items=items[i:i + bs]))
-            if r.teacher_version != self.version:
-                raise StalePolicyError(
-                    f"the policy service at {self.settings.url} sampled with adapter version {r.teacher_version}, but "
-                    f"the trainer synced version {self.version} ({self.checkpoint_id}): another client uploaded to "
-                    "it, or it restarted on another store. Refusing the stale rollout.")
+        batches = [GenerateRequest(items=items[i:i + bs]) for i in range(0, len(items), bs)]
+        order = sorted(self.synced)
+        firsts = [order[(self._next + k) % len(order)] for k in range(len(batches))]
+        self._next += len(batches)
+        if len(order) > 1 and len(batches) > 1:
+            replies = list(self.replicas._executor().map(self._generate, batches, firsts))
+        else:
+            replies = [self._generate(b, f) for b, f in zip(batches, firsts, strict=True)]
+        tokens, logprobs, versions = [], [], []
+        for r in replies:
             for res in r.items:
                 if len(res.logprobs) != len(res.token_ids):
                     raise ServiceError("policy", "POST", "/v1/generate", None,
@@ -165,15 +245,47 @@ class ServiceSampler:
                                        f"the engine sampled vision special tokens {vision}: it must suppress them")
                 tokens.append(list(res.token_ids))
                 logprobs.append([float(x) for x in res.logprobs])
-        return Samples(tokens, logprobs, self.version)
+                versions.append(r.teacher_version)
+        return Samples(tokens, logprobs, versions[0] if len(set(versions)) == 1 else self.version, versions)
+
+    def _generate(self, request: GenerateRequest, first: int) -> GenerateResponse:
+        """One batch on replica `first`; on another synced replica while it is unreachable (a
+        generate only reads, so re-sending it is safe). Every reply is checked against the
+        version its replica synced."""
+        last: ServiceError | None = None
+        with self._lock:  # batches run in parallel threads, and a failure edits `synced`
+            candidates = [first] + [j for j in sorted(self.synced) if j != first]
+        for i in candidates:
+            with self._lock:
+                synced = self.synced.get(i)
+            if synced is None:
+                continue
+            try:
+                r = self.clients[i].generate(request)
+            except ServiceError as e:
+                if e.status is not None and e.status not in RETRY_STATUS:
+                    raise
+                log.warning("policy replica %s failed a /v1/generate (%s): left out until the next sync", self._url(i), e)
+                with self._lock:
+                    self.synced.pop(i, None)
+                last = e
+                continue
+            version = synced[0]
+            if r.teacher_version != version:
+                raise StalePolicyError(
+                    f"the policy service at {self._url(i)} sampled with adapter version {r.teacher_version}, but "
+                    f"the trainer synced version {version} ({synced[1]}): another client uploaded to "
+                    "it, or it restarted on another store. Refusing the stale rollout.")
+            return r
+        raise last or PolicySyncError("no synced policy replica left")
 
     def close(self) -> None:
-        self.client.close()
+        self.replicas.close()
 
 
-def make_sampler(cfg: TrainConfig, policy, fingerprint: str | None = None) -> Sampler:
+def make_sampler(cfg: TrainConfig, policy, fingerprint: str | None = None, rank: int = 0) -> Sampler:
     if cfg.rollout.engine == "service":
-        return ServiceSampler(policy, cfg.rollout, fingerprint)
+        return ServiceSampler(policy, cfg.rollout, fingerprint, start=rank)  # ranks begin on different replicas
     return LocalSampler(policy)
 
 

@@ -98,7 +98,7 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
                 writer.truncate_after(counters.update)
         elif cfg.resume and dist.is_main:
             log.warning("resume requested but %s has no checkpoint: starting fresh", checkpoint_dir(run_dir))
-        sampler = make_sampler(cfg, policy, tokenizer_fingerprint(policy.tokenizer))
+        sampler = make_sampler(cfg, policy, tokenizer_fingerprint(policy.tokenizer), rank=dist.rank)
         pool = EnvPool(cfg.env.url, cfg.env.env_id, n_envs, cfg.env.options, cfg.env.timeout_s, cfg.env.retries)
         if guidance.uses_teacher or cfg.pushes():
             link = TeacherLink(cfg, fingerprint=tokenizer_fingerprint(policy.tokenizer), rank=dist.rank)
@@ -279,8 +279,7 @@ def _sync_sampler(sampler: Sampler, step: int, dist: Dist) -> dict[str, Any]:
     if not dist.active or sampler.name != "service":
         return sampler.sync(step)
     m = sampler.sync(step) if dist.is_main else {}
-    sampler.version, sampler.checkpoint_id = dist.all_gather_object(
-        (sampler.version, sampler.checkpoint_id), "policy service sync")[0]
+    sampler.adopt(dist.all_gather_object(sampler.sync_state(), "policy service sync")[0])
     return m
 
 
