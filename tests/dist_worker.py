@@ -39,15 +39,26 @@ def update_config(model: str, overrides: list[str]) -> TrainConfig:
     return build_config(TrainConfig, base, overrides)
 
 
-def run_update(model: str, rollout: Rollout, dist: Dist, overrides: list[str] | None = None):
-    """(adapter state, value-head state, PPO metrics) after one update of this rank's share."""
+def run_update(model: str, rollout: Rollout, dist: Dist, overrides: list[str] | None = None,
+               sft_ranks: tuple[int, ...] = ()):
+    """(adapter state, value-head state, PPO metrics) after one update of this rank's share.
+    Ranks in `sft_ranks` hold an SFT replay buffer of one example (the rollout's first step)."""
+    from services.trainer.guidance import ReplayBuffer, SFTExample
+
     cfg = update_config(model, overrides or [])
     first, n = dist.shard(cfg.env.num_envs, "env.num_envs")
     local = Rollout(steps=[row[first:first + n] for row in rollout.steps])
     policy = Policy(model, cfg.model, seed=0)
     optimizer, scheduler = make_optimizer(policy, cfg)
     batch, _ = build_batch(local, cfg, dist=dist)
-    m = ppo_update(policy, optimizer, scheduler, batch, cfg, np.random.default_rng(7), dist=dist)
+    buffer = None
+    if sft_ranks:
+        s0 = rollout.steps[0][0]
+        buffer = ReplayBuffer(4)
+        if dist.rank in sft_ranks:
+            buffer.add(SFTExample(s0.prompt, list(s0.tokens), s0.n_thought))
+    m = ppo_update(policy, optimizer, scheduler, batch, cfg, np.random.default_rng(7), sft_buffer=buffer, dist=dist)
+    m["wrapper"] = type(policy.data_parallel(dist)).__name__
     from peft import get_peft_model_state_dict
 
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy.model).items()}
@@ -104,11 +115,13 @@ def main() -> None:
     ap.add_argument("--rollout", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--sft-ranks", default="", help="comma-separated ranks holding a one-example replay buffer")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist = init_from_env("cpu", timeout_s=120)
     rollout = torch.load(args.rollout, weights_only=False)
-    adapter, head, m = run_update(args.model, rollout, dist, args.set)
+    sft_ranks = tuple(int(r) for r in args.sft_ranks.split(",") if r)
+    adapter, head, m = run_update(args.model, rollout, dist, args.set, sft_ranks)
     if dist.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -42,10 +42,11 @@ def recorded_rollout(tiny_model_dir, tmp_path_factory) -> Path:
     return record_rollout(tiny_model_dir, tmp_path_factory.mktemp("rollout") / "rollout.pt")
 
 
-def _update_split(tiny_model_dir, rollout: Path, out: Path, nproc: int, *sets: str) -> tuple[dict, dict, dict]:
+def _update_split(tiny_model_dir, rollout: Path, out: Path, nproc: int, *sets: str, sft_ranks: str = ""
+                  ) -> tuple[dict, dict, dict]:
     import json
 
-    args = ["--model", str(tiny_model_dir), "--rollout", str(rollout), "--out", str(out)]
+    args = ["--model", str(tiny_model_dir), "--rollout", str(rollout), "--out", str(out), "--sft-ranks", sft_ranks]
     for s in sets:
         args += ["--set", s]
     r = torchrun(nproc, "tests.dist_worker", *args)
@@ -71,10 +72,35 @@ def test_one_process_and_two_ranks_give_the_same_update(tiny_model_dir, recorded
     assert _max_diff({k: adapter1[k] for k in initial}, initial) > 1e-4  # the update moved the adapter
 
     adapter2, head2, m2 = _update_split(tiny_model_dir, recorded_rollout, tmp_path / "two", 2)
+    # PyTorch's DDP reduced the gradients, with zero-weight micro-batches where a rank's share was smaller.
+    assert m1["wrapper"] == "TrainableForward" and m2["wrapper"] == "DistributedDataParallel"
+    assert m1["ppo/padded_backwards"] == 0 and m2["ppo/padded_backwards"] > 0
     assert m2["ppo/optimizer_steps"] == m1["ppo/optimizer_steps"]
     assert _max_diff(adapter1, adapter2) <= 1e-6
     assert _max_diff(head1, head2) <= 1e-6
     assert m2["ppo/grad_norm"] == pytest.approx(m1["ppo/grad_norm"], rel=1e-5)  # the global norm
+
+
+@pytest.mark.slow
+def test_sft_replay_joins_the_ddp_accumulation_with_gradient_checkpointing(tiny_model_dir, recorded_rollout, tmp_path):
+    """The SFT replay CE (guidance sft) is one more backward inside DDP's accumulation; a rank
+    with an empty replay buffer runs a zero-weight one instead. Rank 0 alone holds one example, so
+    DDP's mean over 2 ranks is alpha / 2 x its CE: one process with alpha / 2 takes the same step
+    (a small alpha: with alpha 1 this tiny random model amplifies float rounding to ~5e-7).
+    With gradient checkpointing (non-reentrant) under DDP."""
+    from tests.dist_worker import run_update
+
+    torch.set_num_threads(1)
+    sets = ["model.gradient_checkpointing=true"]
+    adapter1, head1, m1 = run_update(str(tiny_model_dir), torch.load(recorded_rollout, weights_only=False), Dist(),
+                                     [*sets, "guidance.sft_alpha=0.1"], sft_ranks=(0,))
+    assert m1["sft/ce"] > 0
+    adapter2, head2, m2 = _update_split(tiny_model_dir, recorded_rollout, tmp_path / "two", 2, *sets,
+                                        "guidance.sft_alpha=0.2", sft_ranks="0")
+    assert m2["sft/ce"] == pytest.approx(m1["sft/ce"], rel=1e-6)  # rank 0's own CE, the same example
+    assert _max_diff(adapter1, adapter2) <= 1e-6
+    assert _max_diff(head1, head2) <= 1e-6
+    assert m2["ppo/grad_norm"] == pytest.approx(m1["ppo/grad_norm"], rel=1e-5)
 
 
 # ------------------------------------------------------------------ pure helpers (no processes)

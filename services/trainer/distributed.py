@@ -108,26 +108,40 @@ class Dist:
     def barrier(self, what: str) -> None:
         self.all_reduce(torch.zeros(1), what)
 
-    def all_reduce_grads(self, params: Sequence[torch.nn.Parameter], what: str = "gradients") -> None:
-        """Sum the gradients of `params` over ranks, in one flat bucket.
+    def data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` wrapped in PyTorch's DistributedDataParallel over its trainable parameters
+        (LoRA and value head); `module` itself at world size 1.
 
-        Each rank's loss is already scaled by (its samples / the global minibatch), so the sum is
-        the global minibatch's mean gradient whatever each rank's share (shares differ: the global
-        minibatch is drawn from a world-size-independent permutation). A rank with no sample in a
-        minibatch contributes zeros.
-        """
+        Frozen parameters and buffers are left out of DDP (no start-up broadcast of the base, no
+        buffer sync: every rank loaded the same base). `find_unused_parameters`: a forward need not
+        reach every adapter (the vision tower's LoRA only sees items with an image, the value head
+        not the SFT loss). The caller runs the same number of forward + backward passes per
+        optimizer step on every rank (`ppo_update` pads with zero-weight ones) and scales each
+        rank's loss so that DDP's mean over ranks is the global minibatch's mean."""
         if not self.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(module, frozen + [n for n, _ in module.named_buffers()])
+        try:
+            return DDP(module, device_ids=[self.local_rank] if self.backend == "nccl" else None,
+                       broadcast_buffers=False, find_unused_parameters=True)
+        except Exception as e:  # noqa: BLE001 - its start-up collectives (shape check, broadcast)
+            raise self._fail("DDP set-up", e) from e
+
+    def backward(self, loss: torch.Tensor, what: str) -> None:
+        """`loss.backward()`; under DDP outside `no_sync` its gradient reduction runs in there, so
+        a dead peer surfaces here and is named like any collective."""
+        if not self.active:
+            loss.backward()
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.all_reduce(flat, what)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        try:
+            loss.backward()
+        except DistributedError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(what, e) from e
 
     def close(self) -> None:
         if self.active and tdist.is_initialized():

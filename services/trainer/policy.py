@@ -51,6 +51,21 @@ class ValueHead(nn.Module):
         return self.net(h.float()).squeeze(-1)
 
 
+class TrainableForward(nn.Module):
+    """The policy's trainable forward as one module (the peft model and the value head), for
+    DistributedDataParallel to wrap: DDP's forward prepares its gradient reducer, so every forward
+    whose loss is back-propagated under data parallelism goes through the wrapper.
+    `forward(fn, *args)` runs `fn(*args)` (a closure over `Policy.score` / `Policy.masked_ce`)."""
+
+    def __init__(self, model: nn.Module, value_head: nn.Module):
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
 @dataclass
 class Scores:
     logprob: torch.Tensor
@@ -97,6 +112,8 @@ class Policy:
         self._head_w32: torch.Tensor | None = None
         self._norm.register_forward_hook(self._keep_hidden)
         self.model.eval()
+        self.trainable = TrainableForward(self.model, self.value_head)
+        self._data_parallel: tuple[object, nn.Module] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -122,6 +139,13 @@ class Policy:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def data_parallel(self, dist) -> nn.Module:
+        """The module the PPO update runs its forwards through: `self.trainable` itself at world
+        size 1, wrapped once in DistributedDataParallel under torchrun (`Dist.data_parallel`)."""
+        if self._data_parallel is None or self._data_parallel[0] is not dist:
+            self._data_parallel = (dist, dist.data_parallel(self.trainable))
+        return self._data_parallel[1]
 
     def train(self, mode: bool = True, dropout: bool = False) -> None:
         """Train mode (gradient checkpointing runs only in train mode) with every dropout module

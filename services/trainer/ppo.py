@@ -4,6 +4,7 @@ micro-batches, a grad-norm clip that applies, one scheduler step per optimizer s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,11 +113,17 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                sft_buffer: ReplayBuffer | None = None, on_step: Callable[[], None] | None = None,
                dist: Dist | None = None, on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Epochs x global minibatches; `on_epoch(epoch)` runs after each epoch (the official code's
-    checkpoint per epoch: teacher.checkpoints_per_update=epochs). Data parallel: every rank draws the same permutation of the
-    global batch (rng seeded alike), takes the samples of each minibatch it holds, scales their
-    loss by (its share / the global minibatch), and the gradients are summed over ranks before
-    the clip, so each optimizer step sees the global minibatch's mean gradient and its global
-    norm, whatever the world size."""
+    checkpoint per epoch: teacher.checkpoints_per_update=epochs).
+
+    Data parallel (docs/distributed.md): every rank draws the same permutation of the global
+    batch (rng seeded alike) and scores the samples of each minibatch it holds, in micro-batches,
+    through PyTorch's DistributedDataParallel. DDP averages the gradients over ranks in the last
+    backward of each optimizer step (the others run under `no_sync`), so each rank scales its loss
+    by world size x (its samples / the global minibatch) and the mean is the global minibatch's
+    mean gradient whatever each rank's share. Shares differ, and DDP needs the same number of
+    backwards on every rank: a rank with fewer micro-batches runs zero-weight ones (a real forward
+    of one of its samples, loss x 0). The clip then sees the global norm, and every rank takes the
+    same step. At world size 1 there is no wrapper and no padding; the path is otherwise the same."""
     p, dev = cfg.ppo, policy.device
     dist = dist or Dist()
     size = batch.global_size or len(batch)
@@ -130,50 +137,85 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
     # The replay draws come from their own generator: each rank's buffer differs, and drawing from
     # `rng` would let the ranks' permutations drift apart.
     sft_rng = np.random.default_rng([int(rng.integers(2**31 - 1)), dist.rank])
+    use_sft = sft_buffer is not None and cfg.guidance.sft_alpha > 0 and len(sft_buffer) > 0
+    # Each optimizer step's micro-batches on this rank (its share of the global minibatch) ...
+    plan: list[tuple[int, list[list[int]]]] = []  # (global minibatch size, this rank's micro-batches)
+    for _ in range(p.epochs):
+        perm = rng.permutation(size)
+        for start in range(0, size, p.minibatch_size):
+            mb_global = perm[start:start + p.minibatch_size]
+            mb = [local_of[int(g)] for g in mb_global if int(g) in local_of]  # this rank's share
+            plan.append((len(mb_global), [mb[i:i + p.micro_batch_size] for i in range(0, len(mb), p.micro_batch_size)]))
+    # ... padded to the most any rank has (one collective per update), and the SFT replay term
+    # if any rank has a replay buffer: every rank then runs the same number of backwards.
+    counts = dist.all_reduce(torch.tensor([len(micro) for _, micro in plan] + [int(use_sft)], dtype=torch.float64),
+                             "PPO micro-batch counts", op="max")
+    slots, sft_slot = [int(c) for c in counts[:-1].tolist()], bool(counts[-1])
+    per_epoch = len(plan) // p.epochs
+    fwd = policy.data_parallel(dist)  # DistributedDataParallel under torchrun; the plain module at world size 1
+    no_sync = getattr(fwd, "no_sync", contextlib.nullcontext)
+
+    def ppo_loss(idx: list[int], weight: float):
+        sc = policy.score([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
+                          [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef,
+                          entropy_grad=p.ent_coef > 0)
+        old_logp, adv = batch.old_logp[idx].to(dev), batch.advantages[idx].to(dev)
+        is_w = batch.is_weights[idx].to(dev) if batch.is_weights is not None else None
+        pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef, weights=is_w)
+        v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
+        ent = sc.entropy.mean()
+        loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * ent
+        return loss * weight, {"values": sc.values.detach(), "pg_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                               "entropy": ent.item(), **{k: float(v) for k, v in st.items()}}
+
+    def sft_loss(weight: float):
+        exs = sft_buffer.sample(cfg.guidance.sft_batch_size, sft_rng)
+        ce = policy.masked_ce([e.prompt for e in exs], [e.ids for e in exs], [e.n_thought for e in exs])
+        return ce * weight, {"ce": ce.item()}
+
     policy.train(True)  # dropout stays off (Policy.train): the first minibatch's ratio is exactly 1
     new_values_all = torch.zeros(len(batch))
+    padded = 0
     try:
-        for epoch in range(p.epochs):
-            perm = rng.permutation(size)
-            for start in range(0, size, p.minibatch_size):
-                mb_global = perm[start:start + p.minibatch_size]
-                mb = [local_of[int(g)] for g in mb_global if int(g) in local_of]  # this rank's share
-                optimizer.zero_grad(set_to_none=True)
-                for ms in range(0, len(mb), p.micro_batch_size):
-                    idx = mb[ms:ms + p.micro_batch_size]
-                    sc = policy.score([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
-                                      [batch.n_thought[i] for i in idx], cfg.generation.temperature, p.thought_coef,
-                                      entropy_grad=p.ent_coef > 0)
-                    old_logp, adv = batch.old_logp[idx].to(dev), batch.advantages[idx].to(dev)
-                    is_w = batch.is_weights[idx].to(dev) if batch.is_weights is not None else None
-                    pg_loss, st = ppo_clip_loss(sc.logprob, old_logp, adv, p.clip_coef, weights=is_w)
-                    v_loss = value_loss(sc.values, batch.old_values[idx].to(dev), batch.returns[idx].to(dev), p.vf_clip)
-                    ent = sc.entropy.mean()
-                    loss = pg_loss + p.vf_coef * v_loss - p.ent_coef * ent
-                    (loss * len(idx) / len(mb_global)).backward()  # accumulate: the global minibatch's mean
-                    new_values_all[idx] = sc.values.detach().float().cpu()
-                    for k, v in st.items():
-                        add(f"ppo/{k}", v)
-                    add("ppo/pg_loss", pg_loss.item())
-                    add("ppo/value_loss", v_loss.item())
-                    add("ppo/entropy", ent.item())
-                if sft_buffer is not None and cfg.guidance.sft_alpha > 0 and len(sft_buffer):
-                    exs = sft_buffer.sample(cfg.guidance.sft_batch_size, sft_rng)
-                    ce = policy.masked_ce([e.prompt for e in exs], [e.ids for e in exs], [e.n_thought for e in exs])
-                    # L = L_PPO + alpha * CE(thought tokens); each rank's own replay sample, averaged over ranks
-                    (cfg.guidance.sft_alpha * ce / dist.world_size).backward()
-                    add("sft/ce", ce.item())
-                dist.all_reduce_grads(params, "LoRA and value-head gradients")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)  # the global norm
-                add("ppo/grad_norm", grad_norm.item())
-                add("ppo/lr", optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                scheduler.step()
-                if on_step:
-                    on_step()
-            if on_epoch:
+        for step, ((n_global, micro), n_slots) in enumerate(zip(plan, slots, strict=True)):
+            optimizer.zero_grad(set_to_none=True)
+            # (kind, micro-batch) per backward; the last one reduces the gradients over ranks.
+            work: list[tuple[str, list[int]]] = [("ppo", micro[k]) if k < len(micro) else ("pad", [0])
+                                                 for k in range(n_slots)]
+            if sft_slot:
+                work.append(("sft", []) if use_sft else ("pad", [0]))
+            padded += sum(kind == "pad" for kind, _ in work)
+            for k, (kind, idx) in enumerate(work):
+                last = k == len(work) - 1
+                with contextlib.nullcontext() if last else no_sync():
+                    if kind == "ppo":  # accumulate: DDP's mean over ranks is the global minibatch's mean
+                        loss, aux = fwd(ppo_loss, idx, dist.world_size * len(idx) / n_global)
+                    elif kind == "sft":
+                        # L = L_PPO + alpha * CE(thought tokens); each rank's own replay sample,
+                        # averaged over ranks by DDP
+                        loss, aux = fwd(sft_loss, cfg.guidance.sft_alpha)
+                    else:  # this rank has fewer micro-batches: the same forward and backward, weight 0
+                        loss, aux = fwd(ppo_loss, idx, 0.0)
+                    if last:
+                        dist.backward(loss, "LoRA and value-head gradients (DDP)")
+                    else:
+                        loss.backward()
+                if kind == "ppo":
+                    new_values_all[idx] = aux.pop("values").float().cpu()
+                    for name, v in aux.items():
+                        add(name if name.startswith("ppo/") else f"ppo/{name}", v)
+                elif kind == "sft":
+                    add("sft/ce", aux["ce"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)  # after DDP's reduction: the global norm
+            add("ppo/grad_norm", grad_norm.item())
+            add("ppo/lr", optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            if on_step:
+                on_step()
+            if on_epoch and (step + 1) % per_epoch == 0:
                 policy.train(False)
-                on_epoch(epoch)
+                on_epoch(step // per_epoch)
                 policy.train(True)
     finally:
         policy.train(False)
@@ -182,4 +224,5 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
     m["ppo/explained_variance"] = explained_variance(batch.old_values, batch.returns)
     m["ppo/value_after_mean"] = float(new_values_all.mean())
     m["ppo/optimizer_steps"] = len(stats["ppo/lr"])
+    m["ppo/padded_backwards"] = padded  # zero-weight micro-batches run to match other ranks' counts
     return m
