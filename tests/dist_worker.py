@@ -49,6 +49,7 @@ def run_update(model: str, rollout: Rollout, dist: Dist, overrides: list[str] | 
     first, n = dist.shard(cfg.env.num_envs, "env.num_envs")
     local = Rollout(steps=[row[first:first + n] for row in rollout.steps])
     policy = Policy(model, cfg.model, seed=0)
+    sharded = policy.shard_base(dist) if cfg.model.fsdp else 0
     optimizer, scheduler = make_optimizer(policy, cfg)
     batch, _ = build_batch(local, cfg, dist=dist)
     buffer = None
@@ -59,6 +60,10 @@ def run_update(model: str, rollout: Rollout, dist: Dist, overrides: list[str] | 
             buffer.add(SFTExample(s0.prompt, list(s0.tokens), s0.n_thought))
     m = ppo_update(policy, optimizer, scheduler, batch, cfg, np.random.default_rng(7), sft_buffer=buffer, dist=dist)
     m["wrapper"] = type(policy.data_parallel(dist)).__name__
+    from torch.distributed.tensor import DTensor
+
+    m["sharded_layers"] = sharded
+    m["sharded_params"] = sum(isinstance(p, DTensor) for p in policy.model.parameters())
     from peft import get_peft_model_state_dict
 
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy.model).items()}
@@ -109,6 +114,44 @@ def record_rollout(model_dir, path: Path) -> Path:
     return path
 
 
+def lockstep_check(model: str, rollout: Rollout, dist: Dist) -> dict:
+    """model.fsdp's lock-step forwards, each rank against an unsharded copy of the same policy in
+    its own process: rank 0 stops generating early (some of its sampled tokens made end tokens),
+    rank 1 has no bootstrap value to compute. Both must still finish, with the unsharded results."""
+    from services.trainer.config import ModelSettings
+
+    settings = ModelSettings(device="cpu", lora={"r": 4, "alpha": 8, "dropout": 0.0}, value_head_hidden=16)
+    sharded, plain = Policy(model, settings, seed=0), Policy(model, settings, seed=0)
+    assert sharded.shard_base(dist) > 0
+    prompts = [s.prompt for s in rollout.steps[dist.rank]]
+    torch.manual_seed(dist.rank)
+    free = plain.generate(prompts, 1.0, 16)
+    if dist.rank == 0:  # each completion's third token ends rank 0's outputs early (same draws, earlier stops)
+        for p in (sharded, plain):
+            p.eos_ids = p.eos_ids | {c[2] for c in free}
+    out = {}
+    for name, p in (("sharded", sharded), ("plain", plain)):
+        torch.manual_seed(dist.rank)
+        out[f"{name}_tokens"] = p.generate(prompts, 1.0, 16)
+        with torch.no_grad():
+            mine = prompts[:2] if dist.rank == 0 else []
+            out[f"{name}_values"] = (p.values_together(mine, prompts[0]) if p is sharded else
+                                     p.values(mine) if mine else torch.zeros(0)).tolist()
+    from torch.distributed.tensor import DTensor
+
+    # Between forwards each rank holds its shards only (FSDP swaps in the gathered tensors for a forward).
+    frozen = [p for n, p in sharded.model.named_parameters() if ".layers." in n and not p.requires_grad]
+    out["resharded"] = bool(frozen) and all(isinstance(p, DTensor) for p in frozen)
+    # --resume loads an adapter into the sharded model: the LoRA weights (replicated) take it.
+    from peft import get_peft_model_state_dict
+
+    state = {k: v + 1.0 for k, v in get_peft_model_state_dict(plain.model).items()}
+    sharded.load_adapter_state(state)
+    got = get_peft_model_state_dict(sharded.model)
+    out["adapter_loads"] = got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -116,10 +159,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--sft-ranks", default="", help="comma-separated ranks holding a one-example replay buffer")
+    ap.add_argument("--lockstep", action="store_true", help="run lockstep_check instead; each rank writes rank{r}.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    dist = init_from_env("cpu", timeout_s=120)
+    dist = init_from_env("cpu", timeout_s=60)
     rollout = torch.load(args.rollout, weights_only=False)
+    if args.lockstep:
+        res = lockstep_check(args.model, rollout, dist)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"rank{dist.rank}.json").write_text(json.dumps(res))
+        dist.close()
+        return
     sft_ranks = tuple(int(r) for r in args.sft_ranks.split(",") if r)
     adapter, head, m = run_update(args.model, rollout, dist, args.set, sft_ranks)
     if dist.is_main:

@@ -60,12 +60,17 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.slow
-def test_one_process_and_two_ranks_give_the_same_update(tiny_model_dir, recorded_rollout, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_update(tiny_model_dir, recorded_rollout) -> tuple[dict, dict, dict]:
     from tests.dist_worker import run_update
 
     torch.set_num_threads(1)
-    adapter1, head1, m1 = run_update(str(tiny_model_dir), torch.load(recorded_rollout, weights_only=False), Dist())
+    return run_update(str(tiny_model_dir), torch.load(recorded_rollout, weights_only=False), Dist())
+
+
+@pytest.mark.slow
+def test_one_process_and_two_ranks_give_the_same_update(tiny_model_dir, recorded_rollout, one_process_update, tmp_path):
+    adapter1, head1, m1 = one_process_update
     assert m1["ppo/grad_norm"] > 0.05 * 2, "the clip must bite, or a per-rank clip would go unnoticed"
     assert m1["ppo/optimizer_steps"] == 2 * 3  # epochs x ceil(12 / 5): the global minibatches
     initial = {k: torch.zeros_like(v) for k, v in adapter1.items() if "lora_B" in k}
@@ -79,6 +84,40 @@ def test_one_process_and_two_ranks_give_the_same_update(tiny_model_dir, recorded
     assert _max_diff(adapter1, adapter2) <= 1e-6
     assert _max_diff(head1, head2) <= 1e-6
     assert m2["ppo/grad_norm"] == pytest.approx(m1["ppo/grad_norm"], rel=1e-5)  # the global norm
+
+
+@pytest.mark.slow
+def test_a_sharded_base_gives_the_same_update(tiny_model_dir, recorded_rollout, one_process_update, tmp_path):
+    """model.fsdp on 2 ranks: the frozen decoder layers sharded with FSDP2's fully_shard (each rank
+    holds half of each), LoRA and value head replicated and reduced by DDP; the padded micro-batches
+    make every rank run the same forwards, which FSDP's all-gathers need. The same update."""
+    adapter1, head1, m1 = one_process_update
+    adapter2, head2, m2 = _update_split(tiny_model_dir, recorded_rollout, tmp_path / "fsdp", 2, "model.fsdp=true")
+    assert m2["sharded_layers"] == 2 and m2["sharded_params"] > 0 and m2["wrapper"] == "DistributedDataParallel"
+    assert m2["ppo/padded_backwards"] > 0
+    assert _max_diff(adapter1, adapter2) <= 1e-6
+    assert _max_diff(head1, head2) <= 1e-6
+    assert m2["ppo/grad_norm"] == pytest.approx(m1["ppo/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_sharded_base_runs_generation_and_values_in_lock_step(tiny_model_dir, recorded_rollout, tmp_path):
+    """Rank 0's outputs end early and rank 1 has no bootstrap value to compute: with model.fsdp
+    every rank still runs every forward (synced generation, a stand-in value forward), and each
+    rank's results equal an unsharded copy's in the same process."""
+    import json
+
+    out = tmp_path / "lockstep"
+    r = torchrun(2, "tests.dist_worker", "--model", str(tiny_model_dir), "--rollout", str(recorded_rollout),
+                 "--out", str(out), "--lockstep", timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    for res in ranks:
+        assert res["resharded"] and res["adapter_loads"]
+        assert res["sharded_tokens"] == res["plain_tokens"]
+        assert res["sharded_values"] == pytest.approx(res["plain_values"], abs=1e-6)
+    assert max(map(len, ranks[0]["sharded_tokens"])) < min(map(len, ranks[1]["sharded_tokens"]))
+    assert len(ranks[0]["sharded_values"]) == 2 and ranks[1]["sharded_values"] == []
 
 
 @pytest.mark.slow
@@ -196,8 +235,37 @@ def test_gtr_train_on_two_ranks(tiny_model_dir, env_url, tmp_path):
     assert "[rank 1]" in r.stderr and "[rank 0]" in r.stderr
 
 
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, env_url, tmp_path_factory) -> Path:
+    """A 2-rank run of 2 updates, guidance none (no pushes: the teacher address is never used)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    r = _run(_train_argv(tiny_model_dir, run_dir, env_url, "http://127.0.0.1:9", "none"))
+    assert r.returncode == 0, r.stderr[-5000:]
+    return run_dir
+
+
 @pytest.mark.slow
-def test_killed_two_rank_run_resumes_bit_identical(tiny_model_dir, env_url, tmp_path):
+def test_gtr_train_with_a_sharded_base_matches_the_replicated_run(tiny_model_dir, env_url, straight_run, tmp_path):
+    """model.fsdp on 2 ranks: the decoder layers sharded with FSDP2, generation in lock-step
+    (synced_gpus), bootstrap values and padded PPO micro-batches on every rank together. The same
+    run as the replicated one (all-gathered weights are the same weights): rollouts and the trained
+    adapter equal."""
+    run_dir = tmp_path / "fsdp"
+    r = _run(_train_argv(tiny_model_dir, run_dir, env_url, "http://127.0.0.1:9", "none", "model.fsdp=true"))
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert r.stderr.count("model.fsdp: 2 decoder layers sharded over 2 ranks (FSDP2)") == 2
+    rows, base = _rows(run_dir), _rows(straight_run)
+    assert [row["update"] for row in rows] == [1, 2]
+    for row, ref in zip(rows, base, strict=True):
+        for k in ("env_steps", "rollout/episodes", "rollout/mean_return", "rollout/tokens_mean", "ppo/pg_loss"):
+            assert row[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
+    for f in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(str(d / "checkpoint" / f)) for d in (straight_run, run_dir))
+        assert _max_diff(a, b) <= 1e-6, f
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_bit_identical(tiny_model_dir, env_url, straight_run, tmp_path):
     import time
 
     import psutil
@@ -208,9 +276,7 @@ def test_killed_two_rank_run_resumes_bit_identical(tiny_model_dir, env_url, tmp_
     from services.trainer.ppo import make_optimizer
 
     dead = "http://127.0.0.1:9"  # guidance none, no pushes: the teacher never answers
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = _run(_train_argv(tiny_model_dir, straight, env_url, dead, "none"))
-    assert r.returncode == 0, r.stderr[-5000:]
+    straight, resumed = straight_run, tmp_path / "resumed"
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(_train_argv(tiny_model_dir, resumed, env_url, dead, "none"), cwd=ROOT, env=env,

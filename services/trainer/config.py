@@ -44,8 +44,9 @@ class ModelSettings(StrictModel):
     """Completion positions per chunk when scoring: the fp32 head, log-softmax and entropy run on
     at most this many positions at once (a [chunk, vocab] fp32 tensor: 156 MB at 256 x 152k)."""
     fsdp: bool = False
-    """Reserved: shard the frozen base over the ranks with FSDP2's fully_shard (bases that do not fit
-    one GPU). Not implemented yet: true is refused at start-up (docs/distributed.md says why)."""
+    """Under torchrun: shard the frozen language-model layers over the ranks with FSDP2's fully_shard
+    (LoRA, value head, vision tower, embeddings and head stay replicated); every forward then runs
+    on all ranks together (docs/distributed.md). Nothing to shard with one process."""
 
 
 class EnvSettings(StrictModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -114,6 +115,8 @@ class Policy:
         self.model.eval()
         self.trainable = TrainableForward(self.model, self.value_head)
         self._data_parallel: tuple[object, nn.Module] | None = None
+        self.lockstep = None
+        """The Dist whose ranks must run every forward together (FSDP-sharded base), or None."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -146,6 +149,31 @@ class Policy:
         if self._data_parallel is None or self._data_parallel[0] is not dist:
             self._data_parallel = (dist, dist.data_parallel(self.trainable))
         return self._data_parallel[1]
+
+    def shard_base(self, dist) -> int:
+        """`model.fsdp`: shard the frozen language-model decoder layers over the ranks with FSDP2's
+        `fully_shard`; the LoRA parameters inside them stay whole and replicated (ignored_params),
+        so DDP reduces their gradients as without sharding, and the adapter saves as usual. The
+        vision tower, embeddings, head and value head stay replicated: the vision tower runs only
+        for items with an image, and a sharded module must run on every rank at once. From here on
+        every forward is collective (`self.lockstep`). Returns the number of sharded layers (0 at
+        world size 1: nothing to shard)."""
+        if not dist.active:
+            return 0
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dist.comm_device.type, (dist.world_size,))
+        layers = [m for n, m in self.model.named_modules() if re.fullmatch(r".*language_model\.layers\.\d+", n)]
+        if not layers:
+            raise RuntimeError("model.fsdp: cannot find the language model's decoder layers (language_model.layers.N)")
+        for layer in layers:
+            # Each layer is its own FSDP root, and a root keeps its weights gathered after a forward
+            # unless told: resharding is what keeps 1/N of the base on each rank between forwards.
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True,
+                        ignored_params={p for p in layer.parameters() if p.requires_grad})
+        self.lockstep = dist
+        return len(layers)
 
     def train(self, mode: bool = True, dropout: bool = False) -> None:
         """Train mode (gradient checkpointing runs only in train mode) with every dropout module
@@ -195,7 +223,8 @@ class Policy:
                                repetition_penalty=1.0, return_dict_in_generate=True, output_scores=with_logprobs,
                                use_cache=True, **kw)
         with self.autocast():
-            out = self.model.generate(**batch.inputs, generation_config=gen)
+            # A sharded base: every rank runs a forward per new token until all ranks are done.
+            out = self.model.generate(**batch.inputs, generation_config=gen, synced_gpus=self.lockstep is not None)
         new = out.sequences[:, batch.width:]
         completions = []
         for row in new.tolist():
@@ -279,6 +308,15 @@ class Policy:
         with self.autocast():
             self.model(**batch.inputs, logits_to_keep=1, use_cache=False)
         return self.value_head(self._hidden[:, -1])
+
+    def values_together(self, prompts, stand_in) -> torch.Tensor:
+        """`values(prompts)` that every rank calls (the rollout's bootstrap values): with a sharded
+        base, if any rank has prompts, a rank with none scores `stand_in` and drops the result."""
+        if self.lockstep is None:
+            return self.values(prompts) if prompts else torch.zeros(0)
+        if not self.lockstep.any([bool(prompts)], "bootstrap value forward")[0]:
+            return torch.zeros(0)
+        return self.values(prompts) if prompts else self.values([stand_in])[:0]
 
     def masked_ce(self, prompts, completions, n_masked: Sequence[int]) -> torch.Tensor:
         """Mean cross-entropy (untempered) over the first n_masked[i] completion tokens of each

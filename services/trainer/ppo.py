@@ -206,7 +206,8 @@ def ppo_update(policy: Policy, optimizer, scheduler, batch: PPOBatch, cfg: Train
                         add(name if name.startswith("ppo/") else f"ppo/{name}", v)
                 elif kind == "sft":
                     add("sft/ce", aux["ce"])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)  # after DDP's reduction: the global norm
+            # after DDP's reduction: the global norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             add("ppo/grad_norm", grad_norm.item())
             add("ppo/lr", optimizer.param_groups[0]["lr"])
             optimizer.step()

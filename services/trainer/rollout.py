@@ -154,9 +154,9 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
                 current[e] = pool.reset(e, derive_seed(cfg.seed, update, first_env + e, episode_no[e]))
             else:
                 current[e] = r
-        if truncated_final:
+        if truncated_final or getattr(policy, "lockstep", None) is not None:  # sharded base: all ranks or none
             with torch.no_grad():
-                vals = policy.values(list(truncated_final.values()))
+                vals = policy.values_together(list(truncated_final.values()), prompts[0])
             for e, v in zip(truncated_final, vals.tolist(), strict=True):
                 row[e].next_value = float(v)
         if rollout.steps:
@@ -170,10 +170,11 @@ def collect(policy: Policy, pool: EnvPool, cfg: TrainConfig, update: int,
     last = rollout.steps[-1]
     open_envs = [e for e in range(n) if not (last[e].terminated or last[e].truncated)]
     rollout.cut_off = len(open_envs)
-    if open_envs:
+    if open_envs or getattr(policy, "lockstep", None) is not None:
+        stand_in = prompts[0]
         prompts = [encode_prompt(proc, observation_messages(current[e].observation)) for e in open_envs]
         with torch.no_grad():
-            vals = policy.values(prompts)
+            vals = policy.values_together(prompts, stand_in)
         for e, v in zip(open_envs, vals.tolist(), strict=True):
             last[e].next_value = float(v)
     return rollout

@@ -56,12 +56,12 @@ def train(cfg: TrainConfig, board: StatusBoard | None = None, dist: Dist | None 
 
 
 def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str, Any]:
-    if cfg.model.fsdp:
-        # FSDP2 all-gathers each layer in every forward, so every rank would have to run the same
-        # number of forwards: generation stops at different lengths and the global minibatch gives
-        # ranks different shares. Refused rather than risk a hang.
-        raise ValueError("model.fsdp=true (FSDP2 sharding of the base) is not implemented yet; every rank holds "
-                         "the whole base (docs/distributed.md)")
+    if cfg.model.fsdp and dist.active and cfg.eval.teacher_every:
+        # A sharded base runs every forward on all ranks together; the teacher-vs-student
+        # evaluation plays episodes on rank 0 alone.
+        raise ValueError("model.fsdp=true with eval.teacher_every>0 is not supported: the evaluation runs the "
+                         "student on rank 0 alone, and a sharded base needs every rank in each forward "
+                         "(set eval.teacher_every=0, or model.fsdp=false)")
     first_env, n_envs = dist.shard(cfg.env.num_envs, "env.num_envs")
     if dist.active:
         cfg = cfg.model_copy(deep=True)
@@ -80,6 +80,10 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
     policy = pool = link = writer = sampler = None
     try:
         policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed)
+        if cfg.model.fsdp:
+            n = policy.shard_base(dist)
+            log.info("model.fsdp: %s", f"{n} decoder layers sharded over {dist.world_size} ranks (FSDP2)" if n
+                     else "one process, nothing to shard")
         optimizer, scheduler = make_optimizer(policy, cfg)
         sft_buffer = guidance.new_buffer()
         counters = Counters()
