@@ -83,12 +83,15 @@ class Scores:
 
 class Policy:
     def __init__(self, model_path: str | Path, settings: ModelSettings, seed: int = 0,
-                 adapter: str | Path | None = None):
+                 adapter: str | Path | None = None, load_device: str | None = None):
+        """`load_device`: where the base is loaded, when not on `settings.device` (model.fsdp on
+        CUDA loads it on the host: `shard_base` then puts 1/N of the decoder layers and the
+        replicated rest on the device, so a base larger than one GPU can start)."""
         from peft import PeftModel, get_peft_model
 
         self.settings = settings
         self.device = resolve_device(settings.device)
-        base = load_model(model_path, str(self.device), settings.dtype)
+        base = load_model(model_path, load_device or str(self.device), settings.dtype)
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
         self.suppress_ids = vision_token_ids(self.tokenizer)
@@ -159,6 +162,7 @@ class Policy:
         every forward is collective (`self.lockstep`). Returns the number of sharded layers (0 at
         world size 1: nothing to shard)."""
         if not dist.active:
+            self._move_unsharded_to_device()
             return 0
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -172,8 +176,26 @@ class Policy:
             # unless told: resharding is what keeps 1/N of the base on each rank between forwards.
             fully_shard(layer, mesh=mesh, reshard_after_forward=True,
                         ignored_params={p for p in layer.parameters() if p.requires_grad})
+        # fully_shard put each layer's shard on the mesh's device; what it does not manage (the
+        # LoRA weights it ignores, the vision tower, embeddings, head) follows, when the base was
+        # loaded on the host.
+        self._move_unsharded_to_device()
         self.lockstep = dist
         return len(layers)
+
+    def _move_unsharded_to_device(self) -> None:
+        """Every parameter and buffer that is not an FSDP shard onto `self.device` (a no-op when
+        the base was loaded there). In place, so tied weights stay tied and the optimizer, made
+        after this, sees the moved parameters."""
+        from torch.distributed.tensor import DTensor
+
+        for m in self.model.modules():
+            for p in m.parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != self.device:
+                    p.data = p.data.to(self.device)
+            for name, b in list(m.named_buffers(recurse=False)):
+                if b is not None and not isinstance(b, DTensor) and b.device != self.device:
+                    m._buffers[name] = b.to(self.device)
 
     def train(self, mode: bool = True, dropout: bool = False) -> None:
         """Train mode (gradient checkpointing runs only in train mode) with every dropout module

@@ -33,7 +33,7 @@ from services.trainer.teacher_eval import TeacherEvaluator
 from shared.client import ServiceError
 from shared.config import dump_config
 from shared.memory import PeakMemory
-from shared.models import tokenizer_fingerprint
+from shared.models import resolve_device, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ def _train(cfg: TrainConfig, board: StatusBoard | None, dist: Dist) -> dict[str,
     board.loop_alive.set()
     policy = pool = link = writer = sampler = None
     try:
-        policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed)
+        # model.fsdp on CUDA: load the base on the host, so no GPU ever holds all of it.
+        host_first = cfg.model.fsdp and dist.active and resolve_device(cfg.model.device).type == "cuda"
+        policy = Policy(cfg.model.path, cfg.model, seed=cfg.seed, load_device="cpu" if host_first else None)
         if cfg.model.fsdp:
             n = policy.shard_base(dist)
             log.info("model.fsdp: %s", f"{n} decoder layers sharded over {dist.world_size} ranks (FSDP2)" if n
