@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from services.trainer.config import EnvSettings
 from services.trainer.envpool import EnvPool
-from shared.codecs import b64_to_image, image_to_b64
+from shared.codecs import b64_to_image
 from shared.config import StrictModel, dump_config
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,6 @@ class WarmupConfig(StrictModel):
     max_grad_norm: float = 1.0
     seed: int = 0
     progress: bool = True
-    caption_epochs: int = Field(default=0, ge=0)
-    """Then a captioning stage, LLaVA's alignment step in miniature (0 = off): the whole model
-    (LoRA on the language model and the vision tower; the merger, embeddings and final norm in
-    full) learns to write the frame's caption ("Target: 3. Current: 5.") after the image and
-    CAPTION_PROMPT, and is folded into the new base. The probes show that the tower's features
-    hold the state; this teaches the language model to read it from the image tokens. The prompt
-    is fixed and carries no state: the caption is the target, never an input."""
-    caption_lr: float = Field(default=3e-3, gt=0)
-    caption_batch_size: int = Field(default=16, ge=1)
-
-
-CAPTION_PROMPT = "Describe the image."
 
 
 def _fields(caption: str) -> list[str]:
@@ -202,20 +190,13 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
     train_acc = _accuracy(model, image_processor, probes, train[:len(held)], y_train[:len(held)])
 
     out = Path(cfg.out)
-    # With a captioning stage, the probe-trained tower goes to a scratch directory it starts from.
-    probed = out.with_name(out.name + ".probed") if cfg.caption_epochs else out
-    probed.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.save_pretrained(str(probed), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     for f in Path(cfg.model).iterdir():  # tokenizer, image processor, chat template: the source's
         if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith((".safetensors", ".bin")):
-            shutil.copy2(f, probed / f.name)
-    del model
-    caption: dict[str, Any] | None = None
-    if cfg.caption_epochs:
-        caption = caption_stage(cfg, probed, out, train, held)
-        shutil.rmtree(probed)
+            shutil.copy2(f, out / f.name)
     dump_config(cfg, out / "warmup_config.yaml")
     summary = {
         "out": str(out), "env_id": cfg.env.env_id, "frames": len(frames), "train_frames": len(train),
@@ -223,62 +204,10 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
         "heldout_states": len({c for _, c in held}), "fields": n_fields,
         "heldout_field_accuracy": held_acc["field"], "heldout_exact_accuracy": held_acc["exact"],
         "train_field_accuracy": train_acc["field"], "chance_field_accuracy": float(np.mean(chance)),
-        "losses": losses, "caption": caption, "seconds": time.perf_counter() - t0,
+        "losses": losses, "seconds": time.perf_counter() - t0,
     }
     (out / "warmup_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("vision warm-up on %s: held-out field accuracy %.2f (chance %.2f), all fields %.2f, train %.2f, in %.0fs",
              cfg.env.env_id, held_acc["field"], summary["chance_field_accuracy"], held_acc["exact"], train_acc["field"],
              summary["seconds"])
-    return summary
-
-
-def _caption_messages(frame) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image", "image": image_to_b64(frame)},
-                                         {"type": "text", "text": CAPTION_PROMPT}]}]
-
-
-def caption_stage(cfg: WarmupConfig, src: Path, out: Path, train: list, held: list) -> dict[str, Any]:
-    """Train the whole model to caption `train` frames; held-out caption accuracy (greedy, per
-    field and whole caption); fold into `out`. Returns the stage's summary."""
-    from services.trainer.config import ModelSettings
-    from services.trainer.policy import Policy
-    from services.trainer.sft_init import SFTConfig, fold_into_base, train_on_pairs
-    from services.trainer.spans import decode_output
-    from shared.chat import encode_prompt
-
-    t0 = time.perf_counter()
-    settings = ModelSettings(device="cpu", dtype="float32", lora={"r": 16, "alpha": 32, "dropout": 0.0, "vision": True})
-    policy = Policy(str(src), settings, seed=cfg.seed)
-    for name, p in policy.model.named_parameters():
-        if "lora_" not in name and any(t in name for t in ("embed_tokens", "language_model.norm", "visual.merger")):
-            p.requires_grad_(True)
-    # Each distinct frame once per epoch: repeats of a state add steps, not information.
-    distinct = list({c: (f, c) for f, c in train}.values())
-    pairs = [(_caption_messages(f), c) for f, c in distinct]
-    sft_cfg = SFTConfig(epochs=cfg.caption_epochs, lr=cfg.caption_lr, batch_size=cfg.caption_batch_size,
-                        seed=cfg.seed, progress=cfg.progress)
-    losses = train_on_pairs(policy, pairs, sft_cfg)
-
-    def read(frames: list) -> dict[str, float]:
-        frames = list({c: (f, c) for f, c in frames}.values())
-        if not frames:
-            return {"field": float("nan"), "exact": float("nan")}
-        prompts = [encode_prompt(policy.processor, _caption_messages(f)) for f, _ in frames]
-        n_tok = max(len(policy.tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in frames) + 4
-        with torch.no_grad():
-            texts = [decode_output(policy.tokenizer, ids).strip()
-                     for ids in policy.generate(prompts, 1.0, n_tok, greedy=True)]
-        fields = [(_fields(t), _fields(c)) for t, (_, c) in zip(texts, frames, strict=True)]
-        hit = [[j < len(got) and got[j] == want[j] for j in range(len(want))] for got, want in fields]
-        return {"field": float(np.mean([h for row in hit for h in row])), "exact": float(np.mean([all(r) for r in hit])),
-                "examples": [[t, c] for t, (_, c) in list(zip(texts, frames, strict=True))[:3]]}
-
-    held_acc, train_acc = read(held), read(train[:max(1, len(held))])
-    fold_into_base(policy, src, out)
-    summary = {"epochs": cfg.caption_epochs, "captions": len(pairs), "losses": losses,
-               "heldout_field_accuracy": held_acc["field"], "heldout_exact_accuracy": held_acc["exact"],
-               "train_field_accuracy": train_acc["field"], "heldout_examples": held_acc.get("examples"),
-               "seconds": time.perf_counter() - t0}
-    log.info("caption stage: held-out caption fields %.2f, whole captions %.2f, train fields %.2f, in %.0fs",
-             held_acc["field"], held_acc["exact"], train_acc["field"], summary["seconds"])
     return summary
