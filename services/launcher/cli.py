@@ -145,8 +145,12 @@ def register(sub) -> None:
     d.add_argument("--env-port", type=int, default=8110)
     d.add_argument("--teacher-port", type=int, default=8210)
     d.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test of the pipeline)")
-    d.add_argument("--pixels", action="store_true",
-                   help="play from pixels (text_state off): a vision warm-up stage runs before SFT-init")
+    state = d.add_mutually_exclusive_group()
+    state.add_argument("--pixels", action="store_true",
+                       help="play from pixels (text_state off; the default of configs/demo.yaml): a vision warm-up "
+                            "stage runs before SFT-init")
+    state.add_argument("--text-state", action="store_true",
+                       help="the older demo: the state also in the prompt's text (text_state on, no vision warm-up)")
     d.set_defaults(func=_demo)
 
     from services.launcher.experiment import register as register_experiment

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,9 +29,10 @@ def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """The demo section of the config file (not a trainer key) and the trainer overrides."""
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     demo = raw.pop("demo", {}) or {}
+    quick = dict(demo.pop("quick", None) or {})
+    quick_set = list(quick.pop("set", None) or [])  # trainer overrides of the quick run
     if args.quick:
-        demo.update(demo.get("quick", {}))
-    demo.pop("quick", None)
+        demo.update(quick)
     if args.env_id:
         demo["env_id"] = args.env_id
     if args.updates:
@@ -39,7 +41,9 @@ def _demo_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
         demo["eval_episodes"] = args.eval_episodes
     if getattr(args, "pixels", False):  # the state only in the image: the vision warm-up runs first
         demo["env_options"] = {**(demo.get("env_options") or {}), "text_state": False}
-    return {"trainer": raw, **demo}, list(args.set or [])
+    if getattr(args, "text_state", False):  # the state also in the text: no warm-up (unless the preset forces it)
+        demo["env_options"] = {**(demo.get("env_options") or {}), "text_state": True}
+    return {"trainer": raw, **demo}, (quick_set if args.quick else []) + list(args.set or [])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -52,6 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from shared.config import build_config
 
     t_start = time.perf_counter()
+    load_start = _load()
     try:
         check_ports({"envs": args.env_port, "teacher": args.teacher_port})
     except PortInUse as e:
@@ -59,6 +64,12 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     stop_on_signals()  # SIGTERM and SIGHUP as Ctrl-C: the `finally` below stops the services
     settings, overrides = _demo_settings(args)
+    # One torch thread for this process (warm-up, SFT-init, rollouts, PPO, evals) and one for the
+    # teacher: on 2 cores, two processes with two OpenMP threads each thrash (measured: a 16 x 40
+    # token generate took 4.3 s with one thread and 55 s with two, beside a busy teacher/other job).
+    import torch
+
+    torch.set_num_threads(int(settings.get("torch_threads", 1)))
     run_dir = Path(args.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo run starts from scratch; the model build is cheap
@@ -153,6 +164,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "final_teacher_version": summary.get("last", {}).get("teacher_version"),
         "seconds": round(time.perf_counter() - t_start, 1),
         "seconds_by_phase": timings,
+        # The machine's 1-minute load average when the demo started and ended (other jobs on the
+        # cores make its wall time longer: the figures are comparable only at a similar load).
+        "load_average": {"start": load_start, "end": _load(), "cpus": os.cpu_count()},
         "plot": str(plot),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
@@ -179,6 +193,13 @@ def print_table(s: dict) -> None:
             print(line)
     print(line)
     print(f"final teacher version: {s.get('final_teacher_version')}; plot: {s['plot']}\n", flush=True)
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _f(v) -> str:

@@ -2,7 +2,7 @@
 the `small` offline model -> vision warm-up (when the game is played from pixels) -> SFT-init.
 
 Settings come from the preset's `demo:` / `experiment:` section: `env_id`, `env_options`,
-`model_seed`, `warmup` (WarmupConfig keys; `warmup: {enabled: false}` skips it; by default it
+`model_seed`, `image_max_pixels` (smaller frames: fewer image tokens), `warmup` (WarmupConfig keys; `warmup: {enabled: false}` skips it; by default it
 runs exactly when `env_options.text_state` is off), `sft` (SFTConfig keys), `sft_lora`.
 """
 
@@ -24,6 +24,18 @@ def warmup_wanted(settings: dict[str, Any]) -> bool:
     return not (settings.get("env_options") or {}).get("text_state", False)
 
 
+def set_max_pixels(model_dir: str | Path, max_pixels: int) -> None:
+    """Frames resized to at most `max_pixels` by the model's image processor (Qwen's smart resize:
+    sides in multiples of 28), i.e. fewer image tokens: 84 x 84 -> 9 tokens where the small
+    model's 168 x 168 gives 36. Every later stage copies the processor from this directory."""
+    f = Path(model_dir) / "preprocessor_config.json"
+    pp = json.loads(f.read_text())
+    if max_pixels < pp["size"]["shortest_edge"]:
+        raise ValueError(f"image_max_pixels {max_pixels} is below the processor's min_pixels {pp['size']['shortest_edge']}")
+    pp["size"]["longest_edge"] = max_pixels
+    f.write_text(json.dumps(pp, indent=2, sort_keys=True) + "\n")
+
+
 def prepare_base(settings: dict[str, Any], env_url: str, models_dir: Path, reuse: bool = False,
                  phase: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Build the base; returns {path, info: {warmup, sft}} (info also in models_dir/base.json).
@@ -43,6 +55,8 @@ def prepare_base(settings: dict[str, Any], env_url: str, models_dir: Path, reuse
 
     t0 = time.perf_counter()
     model = str(build_tiny_model(models_dir / "small", seed=int(settings.get("model_seed", 0)), size="small"))
+    if settings.get("image_max_pixels"):
+        set_max_pixels(model, int(settings["image_max_pixels"]))
     phase("build_model", t0)
 
     info: dict[str, Any] = {"warmup": None}
