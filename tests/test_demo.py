@@ -48,6 +48,7 @@ def run_demo_spied(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, P
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its subprocess bounds it; pytest's 600 s default killed it on a loaded 2-core box
 def test_demo_quick_writes_the_contracted_outputs(tmp_path):
     """The default demo plays from pixels: warm-up -> SFT-init on the warmed-up base -> RL ->
     evaluation, with text_state off in every session but the warm-up's (its labels)."""
@@ -92,6 +93,7 @@ def test_demo_quick_writes_the_contracted_outputs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_text_state_keeps_the_older_demo(tmp_path):
     """`--text-state`: the state also in the text, no warm-up, SFT-init from the random model."""
     _, run, sessions = run_demo_spied(tmp_path, "--text-state", "--updates", "1", "--eval-episodes", "2")

@@ -180,6 +180,7 @@ def test_vision_warmup_reads_held_out_frames_above_chance(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its subprocess bounds it; pytest's 600 s default killed it on a loaded 2-core box
 def test_gtr_experiment_quick_writes_summary_table_and_curves(tmp_path):
     run = tmp_path / "exp"
     out = subprocess.run([sys.executable, "-m", "shared.cli", "experiment", "--quick", "--run-dir", str(run),
