@@ -116,3 +116,25 @@ def test_gtr_up_runs_a_training_job_to_the_end(tmp_path, tiny_model_dir):
     rows = (tmp_path / "trainer" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["update"] == 1
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {"envs.log", "teacher.log", "trainer.log"}
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "experiment.yaml"])
+def test_preset_token_budget_fits_every_expert_answer(tmp_path, preset):
+    """Every NumberLine expert answer (what SFT-init teaches), with its end-of-turn token, fits
+    the preset's generation and evaluation budgets on the small model's tokenizer: at 40 tokens
+    every "... so I subtract one." answer (43) was cut off and scored as a format error."""
+    from services.envs.numberline import NumberLineEnv
+    from shared.models import load_processor
+    from shared.tiny_model import build_tiny_model
+
+    tok = load_processor(str(build_tiny_model(tmp_path / "small", seed=0, size="small"))).tokenizer
+    env = NumberLineEnv()
+    lengths = []
+    for goal in range(6):
+        for position in range(6):
+            if goal != position:
+                env.goal, env.position = goal, position
+                lengths.append(len(tok(env.expert_info()["expert_answer"] + "<|im_end|>")["input_ids"]))
+    raw = yaml.safe_load((ROOT / "configs" / preset).read_text())
+    section = raw.get("demo") or raw.get("experiment")
+    assert max(lengths) <= min(section["max_new_tokens"], raw["generation"]["max_new_tokens"]), max(lengths)
