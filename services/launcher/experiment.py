@@ -80,6 +80,11 @@ def run_experiment(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     env_url = f"http://127.0.0.1:{args.env_port or free_port()}"
     stop_on_signals()  # SIGTERM and SIGHUP as Ctrl-C: the finally blocks stop the env service and teachers
+    # One torch thread in this process (SFT-init, rollouts, PPO, evaluations), as in the demo:
+    # beside a teacher on 2 cores, two OpenMP threads per process thrash (docs/demo.md).
+    import torch
+
+    torch.set_num_threads(int(settings.get("torch_threads", 1)))
     t_start = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     group = ProcessGroup(run_dir / "logs" / f"seeds-{seeds[0]}-{seeds[-1]}")
