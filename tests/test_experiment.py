@@ -167,7 +167,7 @@ def test_vision_warmup_reads_held_out_frames_above_chance(tmp_path, tiny_model_d
     from services.trainer.warmup import WarmupConfig, run_warmup
 
     cfg = WarmupConfig(model=str(tiny_model_dir), env={"url": services[0], "env_id": "numberline"},
-                       out=str(tmp_path / "warm"), frames=160, epochs=10, progress=False)
+                       out=str(tmp_path / "warm"), frames=160, epochs=10, progress=False, objective="probe")
     s = run_warmup(cfg)
     assert s["fields"] == 2 and s["heldout_states"] >= 3 and s["train_frames"] > 100
     # Held-out states (target, current) were never trained on; chance = the commonest training
@@ -195,3 +195,25 @@ def test_gtr_experiment_quick_writes_summary_table_and_curves(tmp_path):
     table = (run / "table.md").read_text().splitlines()
     assert sum(line.startswith("| none ") or line.startswith("| kl ") for line in table) == 2
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_caption_tokens_reads_back_exact_embeddings_and_scores_them_best(tiny_model_dir):
+    """The `tokens` warm-up's targets: image tokens equal to the caption's embeddings (then the
+    image_pad filler) read back as the caption, and score a lower loss than the same embeddings
+    for another state; a caption longer than the image tokens is refused."""
+    from services.trainer.warmup import CaptionTokens
+    from shared.models import load_model, load_processor
+
+    tok = load_processor(str(tiny_model_dir)).tokenizer
+    E = load_model(str(tiny_model_dir), "cpu", "float32").get_input_embeddings().weight
+    caps = ["Target: 3. Current: 5.", "Target: 0. Current: 4."]
+    head = CaptionTokens(tok, E, 16, caps)
+    t = head.targets(caps)
+    assert t.shape == (2, 16) and (t[:, len(head.ids(caps[0])):] == head.pad).all()
+    exact = E[t].detach()
+    assert head.read(exact) == caps
+    assert head.loss(exact, caps) < head.loss(exact.flip(0), caps)
+    acc = head.accuracy(lambda fs: exact[: len(fs)], [(None, c) for c in caps])
+    assert acc == {"field": 1.0, "exact": 1.0, "token": 1.0}
+    with pytest.raises(ValueError, match="image tokens"):
+        CaptionTokens(tok, E, 4, caps)
