@@ -176,6 +176,26 @@ def test_vision_warmup_reads_held_out_frames_above_chance(tmp_path, tiny_model_d
     assert (tmp_path / "warm" / "model.safetensors").exists()
 
 
+
+@pytest.mark.slow
+def test_vision_warmup_tokens_spell_held_out_captions_above_chance(tmp_path, tiny_model_dir, services):
+    """The `tokens` objective: read back as the nearest embeddings, the image tokens of held-out
+    states (never trained on) spell the caption's fields well above chance."""
+    import shutil
+
+    from services.launcher.pipeline import set_max_pixels
+    from services.trainer.warmup import WarmupConfig, run_warmup
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    set_max_pixels(model, 12700)  # 112 x 112: 16 image tokens for the 10-token caption
+    cfg = WarmupConfig(model=str(model), env={"url": services[0], "env_id": "numberline"},
+                       out=str(tmp_path / "warm"), frames=160, epochs=40, lr=3e-3, batch_size=16, progress=False)
+    s = run_warmup(cfg)
+    assert s["objective"] == "tokens" and s["image_tokens"] == 16 and s["heldout_states"] >= 3
+    assert s["heldout_field_accuracy"] > s["chance_field_accuracy"] + 0.2, s["heldout_read"]
+
+
 # ------------------------------------------------------------------ gtr experiment --quick
 
 
