@@ -147,7 +147,7 @@ def test_gtr_up_serves_the_compose_healthcheck_routes(tmp_path, tiny_model_dir):
             assert httpx.get(f"http://127.0.0.1:{ports[name]}{path}", timeout=5).status_code == 200
         assert (tmp_path / "logs" / "envs.log").exists() and (tmp_path / "logs" / "teacher.log").exists()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        assert proc.wait(120) == 130  # SIGTERM to the children, 15 s grace, SIGKILL: a margin for a loaded box
         for n in ports:
             with pytest.raises(httpx.TransportError):
                 httpx.get(f"http://127.0.0.1:{ports[n]}/healthz", timeout=2)

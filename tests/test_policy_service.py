@@ -309,7 +309,7 @@ def test_gtr_up_starts_the_policy_service_when_the_config_asks(tmp_path, tiny_mo
         assert info["merge"]["method"] == "latest"
         assert (tmp_path / "logs" / "policy.log").exists()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        assert proc.wait(120) == 130  # SIGTERM to the children, 15 s grace, SIGKILL: a margin for a loaded box
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{ports['policy']}/healthz", timeout=2)
     finally:
