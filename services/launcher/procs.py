@@ -46,6 +46,10 @@ def stop_on_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_stopped)
+    # A command started in the background by a non-interactive shell (`cmd &` in a script, nohup,
+    # some CI runners) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: `kill -INT` would be lost and the services would keep running. Restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def port_holder(port: int) -> str | None:
