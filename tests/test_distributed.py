@@ -351,6 +351,42 @@ def test_multi_gpu_compose_override():
                                        "--set", "a=1", "--resume"]
 
 
+def test_a_failed_collective_is_reported_while_the_rank_still_handles_sigterm(monkeypatch, tmp_path):
+    """When a rank dies, torchrun SIGTERMs the survivors within its 0.1 s monitor interval. Once
+    `gtr train` restores the default SIGTERM action, a survivor still printing its traceback dies
+    silently (seen once in CI): the error must be said before that."""
+    import logging
+    import signal
+
+    import services.trainer.train as train_module
+    from shared.cli import main
+
+    def collective_fails(cfg, board):
+        raise DistributedError("rank 0/2: the collective 'stop and checkpoint requests' failed (RuntimeError: reset)")
+
+    said: list[tuple[str, object]] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record):
+            said.append((record.getMessage(), signal.getsignal(signal.SIGTERM)))
+
+    monkeypatch.setattr(train_module, "train", collective_fails)
+    spy = Spy(level=logging.ERROR)
+    before = signal.getsignal(signal.SIGTERM)
+    logging.getLogger().addHandler(spy)
+    try:
+        rc = main(["train", "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--set", f"run_dir={tmp_path / 'run'}"])
+    finally:
+        logging.getLogger().removeHandler(spy)
+    assert rc == 1
+    errors = [(msg, handler) for msg, handler in said if "the collective 'stop and checkpoint requests'" in msg]
+    assert errors, said
+    msg, handler = errors[0]
+    assert msg.startswith("DistributedError: rank 0/2")
+    assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), "logged after the SIGTERM handler was given back"
+    assert signal.getsignal(signal.SIGTERM) == before  # and given back afterwards
+
+
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_survivor_with_a_clear_message(tiny_model_dir, env_url, tmp_path):
     import time

@@ -36,7 +36,7 @@ def _nproc(v: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from services.trainer.distributed import launched_by_torchrun
+    from services.trainer.distributed import DistributedError, launched_by_torchrun
 
     if args.nproc is not None and not launched_by_torchrun():
         argv = torchrun_argv(args)
@@ -72,6 +72,13 @@ def _train(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         summary = train(cfg, board=board)
+    except DistributedError as e:
+        # Said here, while SIGTERM is still ours: when a rank dies, torchrun SIGTERMs the survivors
+        # within its 0.1 s monitor interval, and once the default handler is back a survivor would
+        # die silently before Python printed the traceback (seen in CI).
+        log.error("DistributedError: %s", e)
+        log.debug("where the collective failed", exc_info=True)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
