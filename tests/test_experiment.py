@@ -194,6 +194,10 @@ def test_vision_warmup_tokens_spell_held_out_captions_above_chance(tmp_path, tin
     s = run_warmup(cfg)
     assert s["objective"] == "tokens" and s["image_tokens"] == 16 and s["heldout_states"] >= 3
     assert s["heldout_field_accuracy"] > s["chance_field_accuracy"] + 0.2, s["heldout_read"]
+    # The LR rises over the first 10% of the steps (lr_ramp's default), then decays: at full LR
+    # from step 0 the small model's warm-up blew up and stayed blind (docs/demo.md).
+    lrs = s["lr_by_epoch"]
+    assert len(lrs) == 40 and lrs[0] < 0.5 * 3e-3 and lrs.index(max(lrs)) in (3, 4) and lrs[-1] < lrs[4]
 
 
 # ------------------------------------------------------------------ gtr experiment --quick

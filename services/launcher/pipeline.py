@@ -69,6 +69,7 @@ def prepare_base(settings: dict[str, Any], env_url: str, models_dir: Path, reuse
         }, source="vision warm-up")
         ws = run_warmup(wcfg)
         ws.pop("losses", None)
+        ws.pop("lr_by_epoch", None)
         info["warmup"] = ws
         model = ws["out"]
         phase("vision_warmup", t0)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from services.trainer.config import EnvSettings
 from services.trainer.envpool import EnvPool
+from services.trainer.losses import cosine_lr_factor
 from shared.codecs import b64_to_image
 from shared.config import StrictModel, dump_config
 
@@ -59,6 +60,10 @@ class WarmupConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=32, ge=1)
     max_grad_norm: float = 1.0
+    lr_ramp: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of the steps over which the LR rises linearly before the cosine decay. Without it
+    the first full-LR steps blew the loss up (33 -> 258) and the small model's tower settled
+    in a plateau that read neither held-out nor most training frames (docs/demo.md)."""
     objective: Literal["tokens", "probe"] = "tokens"
     """`tokens`: each image token is trained to be the language model's own input embedding of one
     token of the caption ("T", "arge", "t", ":", " 3", ...), in order, so the language model reads
@@ -253,8 +258,9 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     steps = cfg.epochs * int(np.ceil(len(train) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
-    losses = []
+    ramp = max(1, int(cfg.lr_ramp * steps)) if cfg.lr_ramp else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, steps, warmup=ramp))
+    losses, lrs = [], []
     bar = tqdm(total=steps, desc=f"vision warm-up ({cfg.objective})", disable=not cfg.progress)
     try:
         for _epoch in range(cfg.epochs):
@@ -276,6 +282,7 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             losses.append(float(np.mean(epoch_loss)))
+            lrs.append(sched.get_last_lr()[0])
     finally:
         bar.close()
     model.eval()
@@ -306,7 +313,7 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
         **({"heldout_token_accuracy": held_acc["token"], "heldout_read": [
             {"caption": c, "read": r} for (_, c), r in zip(held[:4], head.read(_features(
                 model, [f for f, _ in held[:4]])), strict=True)]} if cfg.objective == "tokens" else {}),
-        "losses": losses, "seconds": time.perf_counter() - t0,
+        "losses": losses, "lr_by_epoch": lrs, "seconds": time.perf_counter() - t0,
     }
     (out / "warmup_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("vision warm-up on %s: held-out field accuracy %.2f (chance %.2f), all fields %.2f, train %.2f, in %.0fs",
