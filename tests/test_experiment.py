@@ -221,6 +221,30 @@ def test_gtr_experiment_quick_writes_summary_table_and_curves(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_variant_keeps_its_rules_over_the_users_set(tmp_path):
+    """`--set eval.teacher_every=5` evaluates the teacher where there is one; `none` has none, so
+    its runs keep teacher_every 0 (the user's --set came last and turned it back on)."""
+    import argparse
+
+    from services.launcher.experiment import VARIANTS, load_settings, run_overrides
+    from services.trainer.config import TrainConfig
+    from shared.config import build_config
+
+    args = argparse.Namespace(config=str(ROOT / "configs/experiment.yaml"), quick=False, env_id=None, updates=None,
+                              eval_episodes=None)
+    settings = load_settings(args)
+    user = ["eval.teacher_every=5", "guidance.beta=5.0"]
+    got = {}
+    for name, spec in VARIANTS.items():
+        url = None if spec["merge"] is None else "http://127.0.0.1:9"
+        cfg = build_config(TrainConfig, dict(settings["trainer"]),
+                           run_overrides(spec, 1, settings, "/m", "http://127.0.0.1:8", tmp_path, url, user), source="t")
+        got[name] = (cfg.eval.teacher_every, cfg.guidance.mode, cfg.guidance.beta, cfg.seed, cfg.teacher.push)
+    assert got["none"][:4] == (0, "none", 5.0, 1)
+    assert got["kl"][:4] == (5, "kl", 5.0, 1) and got["sft"][:2] == (5, "sft")
+    assert got["kl-static"][0] == 5 and got["kl-static"][4] == "never" and got["kl-linear"][4] != "never"
+
+
 def test_caption_tokens_reads_back_exact_embeddings_and_scores_them_best(tiny_model_dir):
     """The `tokens` warm-up's targets: image tokens equal to the caption's embeddings (then the
     image_pad filler) read back as the caption, and score a lower loss than the same embeddings

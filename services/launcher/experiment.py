@@ -143,6 +143,25 @@ def eval_kwargs(settings: dict[str, Any], env_url: str) -> dict[str, Any]:
                 num_envs=int(settings.get("eval_num_envs", 16)), options=settings.get("env_options", {}), device="cpu")
 
 
+def run_overrides(spec: dict[str, Any], seed: int, settings: dict[str, Any], base: str, env_url: str, out: Path,
+                  teacher_url: str | None, user_sets: list[str]) -> list[str]:
+    """One run's trainer overrides: the run's own, then the user's --set, then what makes the
+    variant what it is. Those come last: a --set eval.teacher_every=N would otherwise turn a
+    teacher evaluation back on for `none`, which has no teacher (student-only evaluations that
+    cost time, and a legend entry with no line)."""
+    overrides = [f"model.path={base}", f"env.url={env_url}", f"env.env_id={settings['env_id']}",
+                 f"run_dir={out / 'train'}", f"guidance.mode={spec['mode']}", "trainer.port=0",
+                 f"updates={int(settings['updates'])}", f"seed={seed}", "logging.progress=false"]
+    if teacher_url:
+        overrides.append(f"teacher.url={teacher_url}")
+    overrides += user_sets
+    if spec["merge"] == "none":
+        overrides.append("teacher.push=never")  # a static teacher: the merge would be a no-op anyway
+    if teacher_url is None:
+        overrides.append("eval.teacher_every=0")
+    return overrides
+
+
 def run_one(variant: str, seed: int, settings: dict[str, Any], base: str, env_url: str, run_dir: Path,
             args: argparse.Namespace) -> dict[str, Any]:
     """Train one (variant, seed) from the shared base and evaluate it on the held-out seeds."""
@@ -165,16 +184,8 @@ def run_one(variant: str, seed: int, settings: dict[str, Any], base: str, env_ur
                                             "--merge-method", spec["merge"], "--port", teacher_url.rsplit(":", 1)[1]),
                         url=teacher_url, env={"OMP_NUM_THREADS": "1"})
             group.wait_ready("teacher", timeout=300)
-        overrides = [f"model.path={base}", f"env.url={env_url}", f"env.env_id={settings['env_id']}",
-                     f"run_dir={out / 'train'}", f"guidance.mode={spec['mode']}", "trainer.port=0",
-                     f"updates={int(settings['updates'])}", f"seed={seed}", "logging.progress=false"]
-        if teacher_url:
-            overrides.append(f"teacher.url={teacher_url}")
-        if spec["merge"] == "none":
-            overrides.append("teacher.push=never")  # a static teacher: the merge would be a no-op anyway
-        if teacher_url is None:
-            overrides.append("eval.teacher_every=0")
-        cfg = build_config(TrainConfig, dict(settings["trainer"]), [*overrides, *(args.set or [])],
+        cfg = build_config(TrainConfig, dict(settings["trainer"]),
+                           run_overrides(spec, seed, settings, base, env_url, out, teacher_url, args.set or []),
                            source=str(args.config))
         if settings.get("env_options"):
             cfg.env.options = dict(settings["env_options"])

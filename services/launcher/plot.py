@@ -122,6 +122,8 @@ def plot_experiment(runs: list[dict], variants: list[str], out_png: str | Path, 
             for key, ls, who in (("eval/teacher_success", "-", "teacher"), ("eval/student_success", "--", "student")):
                 ys = [np.mean([e[key] for r in mine for e in r["teacher_eval"] if e["update"] == u
                                and e.get(key) is not None] or [np.nan]) for u in ups]
+                if np.all(np.isnan(ys)):
+                    continue  # no teacher in this variant: no line, no legend entry
                 ax2.plot(ups, ys, ls=ls, marker="o", ms=3, color=c, label=f"{v}: {who}")
         ax2.set_xlabel("update")
         ax2.set_ylabel("eval success, same seeds")
